@@ -1,0 +1,47 @@
+"""trio-socketserver: Python's socketserver framework on trio's structured concurrency.
+
+The names and hooks are the stdlib's; servers run under trio nurseries and
+every request handler runs in its own task (``async def handle``) or on a
+reusable thread (a sync ``handle``). See ``trio_socketserver.compat`` for the
+blocking drop-in replacement of the stdlib module.
+"""
+
+from __future__ import annotations
+
+from ._families import TCPServer as TCPServer
+from ._families import ThreadingTCPServer as ThreadingTCPServer
+from ._families import ThreadingUDPServer as ThreadingUDPServer
+from ._families import ThreadingUnixDatagramServer as ThreadingUnixDatagramServer
+from ._families import ThreadingUnixStreamServer as ThreadingUnixStreamServer
+from ._families import UDPServer as UDPServer
+from ._families import UnixDatagramServer as UnixDatagramServer
+from ._families import UnixStreamServer as UnixStreamServer
+from ._handlers import BaseRequestHandler as BaseRequestHandler
+from ._handlers import DatagramRequestHandler as DatagramRequestHandler
+from ._handlers import StreamRequestHandler as StreamRequestHandler
+from ._server import BaseServer as BaseServer
+from ._server import ServerStatistics as ServerStatistics
+from ._streams import IncompleteReadError as IncompleteReadError
+from ._streams import StreamReader as StreamReader
+from ._streams import StreamWriter as StreamWriter
+from ._threading import ThreadingMixIn as ThreadingMixIn
+
+__all__ = [
+    "BaseRequestHandler",
+    "BaseServer",
+    "DatagramRequestHandler",
+    "IncompleteReadError",
+    "ServerStatistics",
+    "StreamReader",
+    "StreamRequestHandler",
+    "StreamWriter",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
+]

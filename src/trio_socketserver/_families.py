@@ -1,0 +1,271 @@
+# The four server families: TCP, UDP, Unix stream, Unix datagram. Each says how
+# its socket is made, bound and closed, what one request is, and what a handler
+# sees as `self.request` (a trio stream or trio socket for async handlers, the
+# stdlib's blocking socket for sync ones). The serve loop is BaseServer's.
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import stat
+from typing import Any
+
+import trio
+
+from ._server import BaseServer
+from ._threading import ThreadingMixIn
+
+
+class TCPServer(BaseServer):
+    """A stream server on an IPv4 (or, with ``address_family = AF_INET6``, IPv6) address.
+
+    As in the stdlib, the constructor creates the socket and, with
+    ``bind_and_activate``, binds and listens, so ``server_address`` holds the
+    real address (the chosen port for port 0) and ``fileno()`` is valid as soon
+    as it returns. ``ssl_context`` (server side) makes every connection TLS:
+    async handlers get a ``trio.SSLStream``, sync ones an ``ssl.SSLSocket``; a
+    failed handshake costs that connection only.
+
+    Errors: ``OSError`` with ``errno.EADDRINUSE`` naming the address when it is
+    taken; the socket is closed on any failure in the constructor.
+    """
+
+    address_family: int = socket.AF_INET
+    socket_type: int = socket.SOCK_STREAM
+    # The stdlib's 5 makes a burst of clients wait for SYN retransmits (1 s and
+    # more) as soon as the server is busy. This server stops accepting when it
+    # is full and relies on the backlog to hold waiting clients, so it asks for
+    # a large one; the kernel caps it at net.core.somaxconn.
+    request_queue_size: int = 1024
+    allow_reuse_address: bool = False
+    allow_reuse_port: bool = False
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,
+        bind_and_activate: bool = True,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(server_address, RequestHandlerClass)
+        self.ssl_context = ssl_context
+        self._trio_socket: trio.socket.SocketType | None = None
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Bind the socket to ``server_address`` and store the address actually bound."""
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self.socket.bind(self.server_address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"address already in use: {self.server_address!r}; stop the server "
+                    "listening there or choose another address (port 0 picks a free one)",
+                ) from exc
+            raise
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listen, with a backlog of ``request_queue_size``."""
+        self.socket.listen(self.request_queue_size)
+
+    def get_request(self) -> tuple[Any, Any]:
+        return self.socket.accept()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Half-close the connection so the client sees EOF, then close it."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone: there is nobody to tell
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        request.close()
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def _server_trio_socket(self) -> trio.socket.SocketType:
+        if self._trio_socket is None:
+            self._trio_socket = trio.socket.from_stdlib_socket(self.socket)
+        return self._trio_socket
+
+    def _async_request(self, request: Any) -> Any:
+        stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(request))
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(
+                stream, self.ssl_context, server_side=True, https_compatible=True
+            )
+        return stream
+
+    def _blocking_request(self, request: Any) -> Any:
+        if self.ssl_context is not None:
+            return self.ssl_context.wrap_socket(request, server_side=True)
+        return request
+
+    def _close_socket(self) -> None:
+        try:
+            trio.lowlevel.notify_closing(self.socket)
+        except RuntimeError:
+            pass  # not inside trio: nothing can be waiting on it
+        self.socket.close()
+
+
+class UDPServer(TCPServer):
+    """A datagram server: each datagram is one request.
+
+    ``self.request`` is ``(data, socket)``: for an async handler the server's
+    trio socket (``await sock.sendto(reply, self.client_address)``), for a sync
+    handler the stdlib socket. Datagrams larger than ``max_packet_size`` are
+    truncated to it, as with the stdlib.
+    """
+
+    socket_type = socket.SOCK_DGRAM
+    max_packet_size: int = 8192
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,
+        bind_and_activate: bool = True,
+    ) -> None:
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+
+    def server_activate(self) -> None:
+        """Nothing to do: a datagram socket does not listen."""
+
+    def get_request(self) -> tuple[Any, Any]:
+        data, client_address = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket), client_address
+
+    def shutdown_request(self, request: Any) -> None:
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Nothing to close: the socket is the server's."""
+
+    def _async_request(self, request: Any) -> Any:
+        data, _ = request
+        return (data, self._server_trio_socket())
+
+    def _blocking_request(self, request: Any) -> Any:
+        return request
+
+
+class _UnixPath:
+    """Filesystem rules shared by the Unix servers.
+
+    A path that exists and is not a socket is refused (never replaced, never
+    followed as a symlink); the socket file this server created is removed by
+    ``server_close()``, and nothing else is. ``socket_mode`` (e.g. ``0o600``)
+    sets the file's permissions right after binding; ``None`` leaves them to
+    the process umask, as the stdlib does.
+    """
+
+    server_address: Any
+    socket: socket.socket
+    socket_mode: int | None = None
+    _created: tuple[str, int, int] | None = None
+
+    def _check_path(self) -> None:
+        path = self.server_address
+        if not isinstance(path, str | bytes | os.PathLike) or _is_abstract(path):
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"path exists and is not a socket: {os.fsdecode(path)!r}; "
+                "remove it or choose another path",
+            )
+
+    def _record_path(self) -> None:
+        path = self.server_address
+        if not isinstance(path, str | bytes) or _is_abstract(path) or not path:
+            return
+        if self.socket_mode is not None:
+            os.chmod(path, self.socket_mode)
+        st = os.lstat(path)
+        self._created = (os.fsdecode(path), st.st_dev, st.st_ino)
+
+    def _remove_path(self) -> None:
+        if self._created is None:
+            return
+        path, dev, ino = self._created
+        self._created = None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        # Remove only the very socket file we created, not one that replaced it.
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+
+
+def _is_abstract(path: str | bytes | os.PathLike[Any]) -> bool:
+    raw = os.fsencode(path)
+    return raw[:1] == b"\0"
+
+
+class UnixStreamServer(_UnixPath, TCPServer):
+    """A stream server on a Unix socket path (or a Linux abstract name starting with NUL)."""
+
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        self._check_path()
+        super().server_bind()
+        self._record_path()
+
+    def _close_socket(self) -> None:
+        super()._close_socket()
+        self._remove_path()
+
+
+class UnixDatagramServer(_UnixPath, UDPServer):
+    """A datagram server on a Unix socket path."""
+
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        self._check_path()
+        super().server_bind()
+        self._record_path()
+
+    def _close_socket(self) -> None:
+        super()._close_socket()
+        self._remove_path()
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    pass
+
+
+class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+    pass
+
+
+class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+    pass
+
+
+class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    pass

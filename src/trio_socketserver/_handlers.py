@@ -1,0 +1,191 @@
+# Request handlers: what one request sees. A handler whose handle() is
+# `async def` runs as a task on trio objects (streams, a buffered reader and
+# writer); one whose handle() is a plain `def` runs on a thread with the
+# stdlib's blocking socket and file objects, exactly as socketserver users
+# write them. The mode is decided per class by handle(), nowhere else.
+from __future__ import annotations
+
+import io
+import socket
+from typing import Any
+
+import trio
+
+from ._server import call_hook, is_async_handler
+from ._streams import StreamReader, StreamWriter
+
+# How long finishing a connection may spend sending TLS's close_notify: a
+# peer that stopped reading must not hold the handler task past its end.
+TLS_CLOSE_TIMEOUT = 1.0
+
+
+class BaseRequestHandler:
+    """One instance per request; override :meth:`handle` (and optionally
+    :meth:`setup` / :meth:`finish`).
+
+    ``self.request``, ``self.client_address`` and ``self.server`` are set
+    before :meth:`setup`. :meth:`finish` runs even when :meth:`handle` raises
+    (Python 3 semantics). With ``async def handle``, ``setup`` and ``finish``
+    may be sync or async, and the server awaits :meth:`run`; with a sync
+    ``handle``, the constructor runs all three, as in the stdlib.
+    """
+
+    def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        if not is_async_handler(type(self)):
+            self.setup()
+            try:
+                self.handle()
+            finally:
+                self.finish()
+
+    async def run(self) -> None:
+        """Run setup(), handle(), finish() of an async handler.
+
+        Cancellation: a shutdown past its grace, or a hard stop, cancels
+        ``handle()``; ``finish()`` still runs (in the cancelled scope, so its
+        own waits are cancelled too).
+        """
+        await call_hook(self.setup)
+        try:
+            await call_hook(self.handle)
+        finally:
+            await call_hook(self.finish)
+
+    def setup(self) -> Any:
+        """Called before :meth:`handle`; the default does nothing."""
+
+    def handle(self) -> Any:
+        """Serve the request; the default does nothing."""
+
+    def finish(self) -> Any:
+        """Called after :meth:`handle`, even if it raised; the default does nothing."""
+
+
+class StreamRequestHandler(BaseRequestHandler):
+    """A stream handler with ``self.rfile`` / ``self.wfile``.
+
+    Async ``handle``: ``self.request`` (and ``self.connection``) is a
+    ``trio.SocketStream`` or ``trio.SSLStream``; ``rfile`` a
+    :class:`StreamReader` (``readline(limit)``, ``read(n)``,
+    ``readexactly(n)``, ``async for line``), ``wfile`` a
+    :class:`StreamWriter` (``write``, ``flush``).
+    Sync ``handle``: the stdlib's socket and file objects.
+
+    ``rbufsize``: read buffer size (-1: default). ``wbufsize``: 0 sends every
+    write at once (the default), more buffers until flush. ``timeout``:
+    seconds any single wait for the peer may take before ``TimeoutError``
+    (``None``: forever), which bounds clients that send nothing or half a
+    line. ``disable_nagle_algorithm``: set ``TCP_NODELAY``.
+    """
+
+    rbufsize: int = -1
+    wbufsize: int = 0
+    timeout: float | None = None
+    disable_nagle_algorithm: bool = False
+
+    rfile: Any
+    wfile: Any
+
+    def setup(self) -> Any:
+        self.connection = self.request
+        if is_async_handler(type(self)):
+            self._set_nodelay(_socket_of(self.request))
+            self.rfile = StreamReader(self.request, self.rbufsize, self.timeout)
+            self.wfile = StreamWriter(self.request, self.wbufsize, self.timeout)
+            return None
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        if self.wbufsize == 0:
+            self.wfile = _SocketWriter(self.connection)
+        else:
+            self.wfile = self.connection.makefile("wb", self.wbufsize)
+        return None
+
+    def _set_nodelay(self, sock: trio.socket.SocketType | None) -> None:
+        # trio.SocketStream turns Nagle off for every TCP stream; put it back
+        # unless the handler asked for it off, as its attribute says.
+        if (
+            sock is not None
+            and not self.disable_nagle_algorithm
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+        ):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, False)
+
+    def finish(self) -> Any:
+        if is_async_handler(type(self)):
+            return self._finish_async()
+        if not self.wfile.closed:
+            try:
+                self.wfile.flush()
+            except OSError:
+                pass  # the peer is gone; there is nobody left to send to
+        self.wfile.close()
+        self.rfile.close()
+        return None
+
+    async def _finish_async(self) -> None:
+        try:
+            await self.wfile.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
+            pass  # the peer is gone or stuck; the server closes the connection next
+        if isinstance(self.request, trio.SSLStream):
+            with trio.move_on_after(TLS_CLOSE_TIMEOUT) as scope:
+                await self.request.aclose()
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(self.request)
+
+
+def _socket_of(stream: Any) -> trio.socket.SocketType | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+class DatagramRequestHandler(BaseRequestHandler):
+    """A datagram handler: ``rfile`` holds the datagram, ``wfile`` collects the reply.
+
+    ``self.packet`` is the data and ``self.socket`` the server's socket (a
+    trio socket for an async handler). After :meth:`handle`, whatever was
+    written to ``wfile`` is sent back to the client as one datagram.
+    """
+
+    rfile: io.BytesIO
+    wfile: io.BytesIO
+
+    def setup(self) -> Any:
+        self.packet, self.socket = self.request
+        self.rfile = io.BytesIO(self.packet)
+        self.wfile = io.BytesIO()
+        return None
+
+    def finish(self) -> Any:
+        if is_async_handler(type(self)):
+            return self.socket.sendto(self.wfile.getvalue(), self.client_address)
+        self.socket.sendto(self.wfile.getvalue(), self.client_address)
+        return None
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """An unbuffered write-only file on a socket, as the stdlib's wbufsize=0 gives."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
