@@ -416,7 +416,7 @@ class BaseServer:
             if self._handler_is_async():
                 await self._handle_async(request, client_address)
             else:
-                await self._handle_in_thread(workers.threads, request, client_address)
+                await self._handle_sync(workers, request, client_address)
             self._finished += 1
         except trio.Cancelled:
             self._cancelled += 1
@@ -459,11 +459,15 @@ class BaseServer:
         finally:
             self.shutdown_request(connection[0])
 
-    async def _handle_in_thread(
-        self, threads: HandlerThreads, request: Any, client_address: Any
-    ) -> None:
+    async def _handle_sync(self, workers: _Workers, request: Any, client_address: Any) -> None:
+        """Run a sync handler's request to completion: on a handler thread.
+
+        The one place a mixin changes to run sync requests elsewhere (worker
+        processes); it must call the stdlib sequence (:meth:`_handle_blocking`)
+        or its equivalent, and on cancellation release blocked I/O.
+        """
         connection = [request]
-        job = threads.submit(self._handle_blocking, connection, client_address)
+        job = workers.threads.submit(self._handle_blocking, connection, client_address)
         try:
             await job.wait()
         except trio.Cancelled:
