@@ -1,0 +1,452 @@
+# The command line's decisions, without its I/O: parsing options and addresses,
+# loading the handler class and TLS files, choosing the server class for each
+# endpoint, and the words and exit statuses it answers with. Nothing here opens
+# a socket, waits for a signal or configures logging (that is __main__.py), so
+# every rule is unit-testable. Every mistake a user can make on the command
+# line becomes a UsageError: one line saying what is wrong and what to do.
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import ipaddress
+import os
+import socket
+import socketserver
+import ssl
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+from ._echo import DatagramEchoHandler, EchoHandler
+from ._families import (
+    TCPServer,
+    ThreadingTCPServer,
+    ThreadingUDPServer,
+    ThreadingUnixDatagramServer,
+    ThreadingUnixStreamServer,
+    UDPServer,
+    UnixDatagramServer,
+    UnixStreamServer,
+)
+from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._server import BaseServer
+
+PROG = "trio-socketserver"
+# Loopback unless told otherwise: starting a demo server must not expose a port
+# to the network by surprise.
+DEFAULT_HOST = "127.0.0.1"
+# http.server's default, so the port is easy to remember; when it is taken the
+# user gets "address already in use" and can pick another (0 picks a free one).
+DEFAULT_PORT = 8000
+
+EXIT_OK = 0
+"""Stopped gracefully (a first SIGINT or SIGTERM)."""
+EXIT_FAILURE = 1
+"""Failed while serving; the error is logged with its traceback."""
+EXIT_USAGE = 2
+"""Could not start: a bad option, handler, address or TLS file (argparse's convention)."""
+
+
+def forced_exit_status(signum: int) -> int:
+    """Exit status after a second signal stopped the server at once.
+
+    128 + the signal's number, the shell's convention for "ended by signal N"
+    (130 for SIGINT, 143 for SIGTERM), so supervisors and scripts can tell a
+    cut-short stop from a clean one.
+    """
+    return 128 + signum
+
+
+EPILOG = f"""\
+Handlers: MODULE:CLASS names a request handler class, imported from the
+current directory or the Python path. Its handle() may be async (one task per
+request) or sync (one request at a time; with --threading one thread each).
+Stream handlers serve TCP and --unix; with --udp, datagram handlers.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM stops accepting and gives in-flight
+requests --shutdown-grace seconds, then cancels them; a second signal stops
+at once. Handler threads are daemon threads: none keeps the process alive.
+
+Exit status:
+  {EXIT_OK}        stopped gracefully after a signal
+  {EXIT_FAILURE}        failed while serving (the error is logged)
+  {EXIT_USAGE}        could not start: bad option, handler, address, address in use,
+           TLS files
+  130/143  stopped at once by a second signal (128 + its number: SIGINT, SIGTERM)
+
+Examples:
+  {PROG}                          line echo on {DEFAULT_HOST}:{DEFAULT_PORT}
+  {PROG} --bind 127.0.0.1:0 --bind [::1]:0
+                                             free ports, IPv4 and IPv6
+  {PROG} --udp --bind 127.0.0.1:9999   datagram echo
+  {PROG} --handler app:Handler --threading --max-connections 64
+"""
+
+
+class UsageError(Exception):
+    """A mistake on the command line; the message is one line, shown as is."""
+
+
+@attrs.frozen
+class Endpoint:
+    """One address to serve on: an IP host and port, or a Unix socket path."""
+
+    family: int
+    """``AF_INET``, ``AF_INET6`` or ``AF_UNIX``."""
+    address: Any
+    """``(host, port)`` for IP, the path for ``AF_UNIX``."""
+
+
+@attrs.frozen
+class Config:
+    """Everything the command line asked for, validated and loaded."""
+
+    endpoints: tuple[Endpoint, ...]
+    handler: type[Any]
+    udp: bool = False
+    threading: bool = False
+    max_connections: int | None = None
+    shutdown_grace: float | None = None
+    """None: the server's default (``BaseServer.shutdown_grace``)."""
+    ssl_context: ssl.SSLContext | None = None
+    log_level: str = "INFO"
+
+
+def parse_bind(text: str) -> Endpoint:
+    """Parse ``HOST:PORT``, ``[IPv6]:PORT`` or a bare ``PORT`` (on loopback).
+
+    Errors: ``UsageError`` naming the bad part. An empty host is refused
+    rather than meaning "every interface": that must be said explicitly
+    (``0.0.0.0:PORT`` or ``[::]:PORT``).
+    """
+    if text.isdigit():
+        return Endpoint(socket.AF_INET, (DEFAULT_HOST, parse_port(text, text)))
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise UsageError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 or [::1]:8000")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
+        return Endpoint(socket.AF_INET6, (host, parse_port(port, text)))
+    if ":" in host:
+        raise UsageError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8000")
+    if not host:
+        raise UsageError(
+            f"{text!r}: give a host: {DEFAULT_HOST}:{port} for loopback, "
+            f"0.0.0.0:{port} for every IPv4 interface"
+        )
+    return Endpoint(socket.AF_INET, (host, parse_port(port, text)))
+
+
+def parse_port(port: str, text: str) -> int:
+    """A TCP/UDP port number, 0 (the kernel picks a free one) to 65535."""
+    if not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"{text!r}: the port must be a number from 0 to 65535")
+    return int(port)
+
+
+def parse_handler_spec(text: str) -> tuple[str, str]:
+    """Split ``package.module:Class`` (or ``module:Outer.Inner``) into its two names."""
+    module, sep, name = text.partition(":")
+    if not (sep and _dotted(module) and _dotted(name)):
+        raise UsageError(
+            f"--handler expects MODULE:CLASS, e.g. myapp.handlers:EchoHandler, not {text!r}"
+        )
+    return module, name
+
+
+def _dotted(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def load_handler(text: str, *, udp: bool) -> type[Any]:
+    """Import the handler class ``text`` names and check it fits the server.
+
+    The current directory is searched first, as ``python -m`` does, so
+    ``--handler myhandlers:Echo`` finds ``./myhandlers.py`` from the console
+    script too.
+
+    Errors: ``UsageError`` for a module that is missing or fails to import
+    (with the exception and where it was raised, not a traceback), a missing
+    attribute, something that is not a request handler class, and a stream
+    handler with ``--udp`` or a datagram handler without it.
+    """
+    module_name, attribute = parse_handler_spec(text)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise UsageError(
+                f"--handler {text}: no module named {exc.name!r} "
+                "(it is looked up in the current directory and on PYTHONPATH)"
+            ) from None
+        raise UsageError(
+            f"--handler {text}: importing {module_name!r} failed: {_one_line(exc)}"
+        ) from None
+    # Any exception from the user's module is reported, not re-raised: the
+    # promise is one line saying where it broke, not a traceback.
+    except Exception as exc:
+        raise UsageError(
+            f"--handler {text}: importing {module_name!r} failed: {_one_line(exc)}"
+        ) from None
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(
+                f"--handler {text}: {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    return check_handler(text, target, udp=udp)
+
+
+_ANY_HANDLER = (BaseRequestHandler, socketserver.BaseRequestHandler)
+_STREAM_HANDLER = (StreamRequestHandler, socketserver.StreamRequestHandler)
+_DATAGRAM_HANDLER = (DatagramRequestHandler, socketserver.DatagramRequestHandler)
+
+
+def check_handler(text: str, target: object, *, udp: bool) -> type[Any]:
+    """Return ``target`` if it is a request handler class of the right kind for ``udp``."""
+    if not (isinstance(target, type) and issubclass(target, _ANY_HANDLER)):
+        kind = "a class" if isinstance(target, type) else f"a {type(target).__name__}"
+        raise UsageError(
+            f"--handler {text} is {kind}, not a request handler class; subclass "
+            "trio_socketserver.StreamRequestHandler, DatagramRequestHandler or BaseRequestHandler"
+        )
+    if udp and issubclass(target, _STREAM_HANDLER):
+        raise UsageError(
+            f"--handler {text} is a stream handler and --udp serves datagrams; "
+            "drop --udp or use a DatagramRequestHandler"
+        )
+    if not udp and issubclass(target, _DATAGRAM_HANDLER):
+        raise UsageError(f"--handler {text} is a datagram handler; add --udp to serve it")
+    return target
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message (at file:line)``: where an import broke, without a traceback."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if isinstance(exc, SyntaxError):
+        return message  # its message already names the file and line
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        message += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return message
+
+
+def load_tls(cert: str | None, key: str | None, *, udp: bool) -> ssl.SSLContext | None:
+    """A server-side TLS context from PEM files, or None without ``--tls-cert``.
+
+    ``--tls-key`` may be left out when the certificate file holds the key too.
+    Errors: ``UsageError`` for a key without a certificate, TLS with ``--udp``
+    (no DTLS), and files that are missing or do not hold a matching pair.
+    """
+    if cert is None:
+        if key is not None:
+            raise UsageError("--tls-key needs --tls-cert (the certificate the key belongs to)")
+        return None
+    if udp:
+        raise UsageError("--tls-cert works with stream servers only; drop --udp")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        files = cert if key is None else f"{cert} / {key}"
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"cannot load the TLS certificate and key ({files}): {reason}") from None
+    return context
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, e.g. 0.5, not {text!r}")
+    return value
+
+
+def _bind(text: str) -> Endpoint:
+    try:
+        return parse_bind(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (no usage block) raised as UsageError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Serve a socketserver-style request handler on trio.\n"
+        f"Without options: a line echo on {DEFAULT_HOST}:{DEFAULT_PORT}.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_argument_group("where to listen")
+    where.add_argument(
+        "--bind",
+        action="append",
+        type=_bind,
+        default=[],
+        metavar="HOST:PORT",
+        help=f"an IP address and port (IPv6 in brackets: [::1]:8000; port 0 picks a free "
+        f"one); repeat for several (default: {DEFAULT_HOST}:{DEFAULT_PORT}, unless --unix "
+        "is given)",
+    )
+    where.add_argument(
+        "--unix", action="append", default=[], metavar="PATH", help="a Unix socket path; repeatable"
+    )
+    where.add_argument("--udp", action="store_true", help="serve datagrams instead of streams")
+    what = parser.add_argument_group("what to serve")
+    what.add_argument(
+        "--handler",
+        metavar="MODULE:CLASS",
+        help="the request handler class (default: a built-in line echo, "
+        "or datagram echo with --udp)",
+    )
+    what.add_argument(
+        "--threading",
+        action="store_true",
+        help="run each request of a sync handler on its own thread",
+    )
+    what.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="at most N requests at once (connections, or handler threads with "
+        "--threading); further clients wait in the listen backlog (default: no limit)",
+    )
+    what.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long in-flight requests may run after SIGINT/SIGTERM before they are "
+        f"cancelled (default: {BaseServer.shutdown_grace})",
+    )
+    what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
+    what.add_argument(
+        "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"log to stderr from this level on: {', '.join(LOG_LEVELS)} (default: INFO)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    return parser
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("trio-socketserver")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: running from a source tree)"
+
+
+def load_config(argv: Sequence[str] | None = None) -> Config:
+    """Parse the command line, import the handler and read the TLS files.
+
+    Errors: ``UsageError`` for every mistake; ``SystemExit(0)`` for
+    ``--help`` and ``--version``, as argparse does.
+    """
+    options = build_parser().parse_args(argv)
+    endpoints = list(options.bind)
+    endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
+    if not endpoints:
+        endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
+    if options.handler is None:
+        handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
+    else:
+        handler = load_handler(options.handler, udp=options.udp)
+    return Config(
+        endpoints=tuple(endpoints),
+        handler=handler,
+        udp=options.udp,
+        threading=options.threading,
+        max_connections=options.max_connections,
+        shutdown_grace=options.shutdown_grace,
+        ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        log_level=options.log_level,
+    )
+
+
+_SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
+    # (unix, udp, threading)
+    (False, False, False): TCPServer,
+    (False, False, True): ThreadingTCPServer,
+    (False, True, False): UDPServer,
+    (False, True, True): ThreadingUDPServer,
+    (True, False, False): UnixStreamServer,
+    (True, False, True): ThreadingUnixStreamServer,
+    (True, True, False): UnixDatagramServer,
+    (True, True, True): ThreadingUnixDatagramServer,
+}
+
+
+def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
+    """The server class for ``endpoint``, with the command line's settings as class attributes."""
+    base = _SERVER_CLASSES[(endpoint.family == socket.AF_UNIX, config.udp, config.threading)]
+    settings: dict[str, Any] = {
+        "address_family": endpoint.family,
+        # The process exits after stopping: a sync handler stuck outside socket
+        # I/O (which the engine releases) must not keep it alive after a
+        # forced stop, so handler threads are daemons and nobody waits for
+        # them past the grace.
+        "daemon_threads": True,
+    }
+    if config.max_connections is not None:
+        settings["max_connections"] = config.max_connections
+        if config.threading:
+            settings["max_threads"] = config.max_connections
+    if config.shutdown_grace is not None:
+        settings["shutdown_grace"] = config.shutdown_grace
+    return type(base.__name__, (base,), settings)
+
+
+def describe(config: Config, family: int, address: Any) -> str:
+    """How an address is shown: ``tcp 127.0.0.1:8000``, ``udp [::1]:53``, ``unix /run/x.sock``."""
+    tls = config.ssl_context is not None
+    if family == socket.AF_UNIX:
+        kind = "unix-dgram" if config.udp else "unix+tls" if tls else "unix"
+        path = os.fsdecode(address)
+        # A Linux abstract name starts with NUL: show it escaped, as repr does.
+        return f"{kind} {path!r}" if path.startswith("\0") else f"{kind} {path}"
+    kind = "udp" if config.udp else "tcp+tls" if tls else "tcp"
+    host, port = address[0], address[1]
+    if family == socket.AF_INET6:
+        return f"{kind} [{host}]:{port}"
+    return f"{kind} {host}:{port}"
+
+
+def serving_line(config: Config, family: int, address: Any) -> str:
+    """The line printed for each server once it listens; people and tests read it."""
+    return (
+        f"serving {config.handler.__name__} on {describe(config, family, address)} (Ctrl-C to stop)"
+    )

@@ -1,0 +1,151 @@
+# Shared by test_cli.py and test_examples.py: run a server program in a child
+# process, read the "serving ... on KIND ADDRESS (Ctrl-C to stop)" line it
+# prints once it listens, signal it, and collect its exit status and stderr.
+# Every wait is bounded by a deadline; nothing sleeps to let the child start.
+# (The leak check these tests use is conftest.py's `no_leaks`.)
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Generous bounds for a loaded 2-core CI machine: they only cap how long a
+# broken test can hang, a passing one never waits for them.
+STARTUP_TIMEOUT = 20.0
+EXIT_TIMEOUT = 10.0
+
+SERVING = re.compile(r"^serving (?P<what>.+) on (?P<kind>\S+) (?P<where>.+) \(Ctrl-C to stop\)$")
+
+
+def ip_address(where: str) -> tuple[str, int]:
+    """``127.0.0.1:8000`` or ``[::1]:8000`` -> (host, port)."""
+    host, _, port = where.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class ServerProcess:
+    """A Python program run as ``python ARGS...`` with ``src`` on its path.
+
+    ``PYTHONPATH=src`` makes the child import this tree whether or not the
+    package is installed in the venv running the tests.
+    """
+
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd or ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._open: list[IO[bytes]] = [self.proc.stdout, self.proc.stderr]
+        self._buffers: dict[int, bytearray] = {}
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(EXIT_TIMEOUT)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+    def wait_for_line(self, pattern: str, *, stream: str = "stdout") -> re.Match[str]:
+        """The first new line of ``stream`` matching ``pattern`` (a regex); fails on timeout."""
+        lines = self.stdout_lines if stream == "stdout" else self.stderr_lines
+        seen = 0
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            for line in lines[seen:]:
+                if match := re.search(pattern, line):
+                    return match
+            seen = len(lines)
+            if not self._read(deadline):
+                pytest.fail(
+                    f"no line matching {pattern!r} on {stream}; exit status "
+                    f"{self.proc.poll()}\nstdout: {self.stdout_lines}\nstderr: {self.stderr_lines}"
+                )
+
+    def serving(self) -> list[re.Match[str]]:
+        """Wait for the first "serving ..." line; return every one printed so far."""
+        self.wait_for_line(SERVING.pattern)
+        return [m for line in self.stdout_lines if (m := SERVING.match(line))]
+
+    def address(self) -> tuple[str, int]:
+        """The IP address of the first server the program announced."""
+        return ip_address(self.serving()[0]["where"])
+
+    def send_signal(self, signum: int = signal.SIGINT) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self) -> int:
+        """Wait for the exit (bounded); read the rest of its output; return the status."""
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while self._read(deadline):
+            pass
+        try:
+            return self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {EXIT_TIMEOUT} s; stderr: {self.stderr_lines}")
+
+    @property
+    def stderr(self) -> str:
+        return "".join(line + "\n" for line in self.stderr_lines)
+
+    def _read(self, deadline: float) -> bool:
+        """Wait until a pipe has output and take it; False at the deadline or when both hit EOF."""
+        while self._open:
+            ready, _, _ = select.select(self._open, [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return False
+            got_data = False
+            for pipe in ready:
+                data = os.read(pipe.fileno(), 65536)
+                if data:
+                    got_data = True
+                    self._take_lines(pipe, data)
+                else:
+                    self._open.remove(pipe)
+            if got_data:
+                return True
+        return False
+
+    def _take_lines(self, pipe: IO[bytes], data: bytes) -> None:
+        buffer = self._buffers.setdefault(pipe.fileno(), bytearray())
+        buffer += data
+        *complete, rest = buffer.split(b"\n")
+        buffer[:] = rest
+        lines = self.stdout_lines if pipe is self.proc.stdout else self.stderr_lines
+        lines.extend(line.decode(errors="replace") for line in complete)
+
+
+def read_until(sock: socket.socket, end: bytes) -> bytes:
+    """Receive from a blocking stdlib socket (with a timeout set) until ``end`` arrives."""
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+    return data
