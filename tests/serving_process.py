@@ -141,10 +141,13 @@ class ServerProcess:
 
 
 def read_until(sock: socket.socket, end: bytes) -> bytes:
-    """Receive from a blocking stdlib socket (with a timeout set) until ``end`` arrives."""
+    """Receive from a blocking stdlib socket (with a timeout set) until ``end`` arrives.
+
+    One byte at a time, so nothing after ``end`` is consumed: the next call sees it.
+    """
     data = b""
     while not data.endswith(end):
-        chunk = sock.recv(65536)
+        chunk = sock.recv(1)
         if not chunk:
             raise EOFError(f"connection closed after {data!r}")
         data += chunk
