@@ -182,14 +182,24 @@ def tree_memory(pid: int) -> dict[str, Any]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of the tree, plus reaped children's time accounted to the root."""
+    """CPU seconds (user+sys) used so far by the tree rooted at pid.
+
+    Counts every process of the tree, zombies included (a forked child that exited but is not
+    reaped yet still shows its own time), plus the time of reaped children (cutime/cstime),
+    so that differences between two samples stay right while children come and go.
+    """
     total = 0
-    for p, _ in process_tree(pid):
+    todo, seen = [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
         st = proc_stat(p)
-        if st is not None:
-            total += int(st[11]) + int(st[12])
-            if p == pid:
-                total += int(st[13]) + int(st[14])
+        if st is None:
+            continue
+        total += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+        todo.extend(children(p))
     return total / CLK_TCK
 
 
@@ -456,14 +466,43 @@ def load_scenario(
         extra = ["--concurrency", str(cfg.concurrency), "--size", str(cfg.size)]
     args = [kind, HOST, str(srv.port), "--seconds", f"{seconds:g}", *extra]
     args += ["--connect-timeout", f"{cfg.connect_timeout:g}", "--timeout", f"{cfg.timeout:g}"]
+    sys0, own0, kids0 = system_cpu(), resource.getrusage(resource.RUSAGE_SELF), children_cpu()
     cpu0 = tree_cpu_seconds(srv.pid)
     t0 = time.monotonic()
     data = run_loadgen(args, timeout=seconds + 30, pin=pin)
     wall = time.monotonic() - t0
     cpu1 = tree_cpu_seconds(srv.pid)
-    # approximate: includes connect/drain time around the measurement window
-    data["server_cpu_util"] = round((cpu1 - cpu0) / wall, 3) if wall > 0 else None
+    sys1, own1, kids1 = system_cpu(), resource.getrusage(resource.RUSAGE_SELF), children_cpu()
+    # Whole-invocation figures (connect and drain included), so approximate.
+    server = cpu1 - cpu0
+    ours = (
+        server + (kids1 - kids0) + (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
+    )
+    data["server_cpu_util"] = round(server / wall, 3) if wall > 0 else None
+    if sys0 is not None and sys1 is not None and wall > 0:
+        # CPU used by processes that are not part of the benchmark (other users of the
+        # machine), in cores, and CPU time the hypervisor stole from this VM.
+        data["other_cpu_cores"] = round(max(0.0, (sys1[0] - sys0[0]) - ours) / wall, 3)
+        data["steal_cores"] = round((sys1[1] - sys0[1]) / wall, 3)
     return data
+
+
+def system_cpu() -> tuple[float, float] | None:
+    """(user+nice+system, steal) seconds of all CPUs, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, steal = (int(fields[i]) for i in (1, 2, 3, 8))
+    return ((user + nice + system) / CLK_TCK, steal / CLK_TCK)
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def idle_scenario(
@@ -610,6 +649,8 @@ class Row:
         s["server_cpu_pingpong"] = median([r.get("server_cpu_util") for r in pp])
         s["client_cpu_connrate"] = median([r.get("cpu_util") for r in cr])
         s["server_cpu_connrate"] = median([r.get("server_cpu_util") for r in cr])
+        s["other_cpu_cores"] = median([r.get("other_cpu_cores") for r in pp + cr])
+        s["steal_cores"] = median([r.get("steal_cores") for r in pp + cr])
         errs: dict[str, int] = {}
         err_by: dict[str, int] = {}
         for label, runs in (
@@ -728,7 +769,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     out.append("")
     out.append(
         f"Machine: {meta['cpu_model']}, {meta['cpus']} CPUs, Linux {meta['kernel']}, "
-        f"Python {meta['python']}, trio {meta['trio']}. Pinning: {meta['pinning']['note']}."
+        f"Python {meta['python']}, trio {meta['trio']}. Pinning: {meta['pinning']['note']}. "
+        f"Load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']}."
     )
     out.append("")
     header = [
@@ -818,6 +860,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "procs/threads idle",
         "close p50/max ms",
         "stop s, no clients",
+        "other CPU / steal",
         "errors",
     ]
     db = []
@@ -851,6 +894,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 procs,
                 f"{fmt(s['close_p50_ms'], 1)}/{fmt(s['close_max_ms'], 1)}",
                 nc,
+                f"{fmt(s['other_cpu_cores'], 2)} / {fmt(s['steal_cores'], 2)}",
                 errs,
             ]
         )
@@ -908,7 +952,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="pingpong: bound for opening all connections (5/quick 2)",
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="per request/connection timeout")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="per request/connection timeout (5/quick 2)"
+    )
     p.add_argument("--grace", type=float, default=0.0, help="native: shutdown_grace seconds")
     p.add_argument("--settle", type=float, default=None, help="pause before RSS samples (0.5)")
     p.add_argument("--no-pin", action="store_true", help="do not pin client/server CPUs")
@@ -926,6 +972,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.serve_timeout = a.serve_timeout if a.serve_timeout is not None else (3.0 if q else 10.0)
     a.stop_timeout = a.stop_timeout if a.stop_timeout is not None else (3.0 if q else 10.0)
     a.connect_timeout = a.connect_timeout if a.connect_timeout is not None else (2.0 if q else 5.0)
+    a.timeout = a.timeout if a.timeout is not None else (2.0 if q else 5.0)
     a.settle = a.settle if a.settle is not None else (0.3 if q else 0.5)
     a.server_list = [s.strip() for s in a.servers.split(",") if s.strip()]
     a.scenario_list = [s.strip() for s in a.scenarios.split(",") if s.strip()]
@@ -1022,6 +1069,13 @@ def machine_meta() -> dict[str, Any]:
     }
 
 
+def read_loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def rotate(items: list[Any], k: int) -> Iterator[Any]:
     k %= max(1, len(items))
     yield from items[k:] + items[:k]
@@ -1030,6 +1084,7 @@ def rotate(items: list[Any], k: int) -> Iterator[Any]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     t_start = time.monotonic()
+    loadavg_start = read_loadavg()
     try:
         build_loadgen(force=cfg.rebuild)
     except RuntimeError as exc:
@@ -1086,6 +1141,32 @@ def main(argv: list[str] | None = None) -> int:
                     f"{n} {sc}: load generator used {cu:.0%} of its CPU — the client may have "
                     "been the bottleneck"
                 )
+        row = rows[n]
+        harness = [
+            f"{label}: {r['harness_error']}"
+            for label, runs in (
+                ("warm-up", row.warmup),
+                ("pingpong", row.pingpong),
+                ("connrate", row.connrate),
+                ("idle", [row.idle] if row.idle else []),
+            )
+            for r in runs
+            if "harness_error" in r
+        ]
+        if harness:
+            distinct = list(dict.fromkeys(harness))
+            notes.append(f"{n}: the harness could not measure everything: " + "; ".join(distinct))
+        other = s.get("other_cpu_cores")
+        if other is not None and other >= 0.1:
+            notes.append(
+                f"{n}: other processes on the machine used {other:.2f} CPU cores (median) during "
+                "its pingpong/connrate runs; its numbers are disturbed by that load"
+            )
+        steal = s.get("steal_cores")
+        if steal is not None and steal >= 0.05:
+            notes.append(
+                f"{n}: the hypervisor stole {steal:.2f} CPU cores (median) during its runs"
+            )
         if s["stop_hung"]:
             notes.append(
                 f"{n}: did not stop within {cfg.stop_timeout:g} s of SIGTERM with "
@@ -1097,6 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
         if rows[n].pinned is False and pin.enabled:
             notes.append(f"{n}: server pinning could not be verified")
     meta = machine_meta()
+    meta["loadavg_start"] = loadavg_start
+    meta["loadavg_end"] = read_loadavg()
     meta.update(
         started=datetime.datetime.now().isoformat(timespec="seconds"),
         command="python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
