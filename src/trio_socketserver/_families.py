@@ -86,13 +86,16 @@ class TCPServer(BaseServer):
     def get_request(self) -> tuple[Any, Any]:
         return self.socket.accept()
 
-    def shutdown_request(self, request: Any) -> None:
-        """Half-close the connection so the client sees EOF, then close it."""
+    def shutdown_request(self, request: Any) -> Any:
+        """Half-close the connection so the client sees EOF, then close it.
+
+        Returns what :meth:`close_request` returns, so the engine awaits an async override.
+        """
         try:
             request.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is already gone: there is nobody to tell
-        self.close_request(request)
+        return self.close_request(request)
 
     def close_request(self, request: Any) -> None:
         request.close()
@@ -114,9 +117,22 @@ class TCPServer(BaseServer):
         return stream
 
     def _blocking_request(self, request: Any) -> Any:
-        if self.ssl_context is not None:
-            return self.ssl_context.wrap_socket(request, server_side=True)
-        return request
+        if self.ssl_context is None:
+            return request
+        # wrap_socket() moves the fd into a new object, out of reach of the engine's release
+        # of a stuck thread (a shutdown() of `request`): handshake on a duplicate, so that
+        # `request` can still release it, then close `request`. The handshake runs before
+        # setup() applies the handler's timeout, so it gets that timeout here: a client that
+        # stalls mid-handshake must not hold the thread.
+        raw = request.dup()
+        try:
+            raw.settimeout(getattr(self.RequestHandlerClass, "timeout", None))
+            tls = self.ssl_context.wrap_socket(raw, server_side=True)
+        except BaseException:
+            raw.close()
+            raise
+        request.close()
+        return tls
 
     def _close_socket(self) -> None:
         try:
@@ -153,8 +169,8 @@ class UDPServer(TCPServer):
         data, client_address = self.socket.recvfrom(self.max_packet_size)
         return (data, self.socket), client_address
 
-    def shutdown_request(self, request: Any) -> None:
-        self.close_request(request)
+    def shutdown_request(self, request: Any) -> Any:
+        return self.close_request(request)
 
     def close_request(self, request: Any) -> None:
         """Nothing to close: the socket is the server's."""

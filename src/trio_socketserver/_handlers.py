@@ -17,6 +17,8 @@ from ._streams import StreamReader, StreamWriter
 # How long finishing a connection may spend sending TLS's close_notify: a
 # peer that stopped reading must not hold the handler task past its end.
 TLS_CLOSE_TIMEOUT = 1.0
+# The families whose sockets have TCP_NODELAY (disable_nagle_algorithm).
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 class BaseRequestHandler:
@@ -98,7 +100,9 @@ class StreamRequestHandler(BaseRequestHandler):
             return None
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
-        if self.disable_nagle_algorithm:
+        # Only TCP has Nagle: on a Unix socket the option would fail every request (as the
+        # async path, it is skipped there, so one handler class serves both families).
+        if self.disable_nagle_algorithm and self.connection.family in _TCP_FAMILIES:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.rfile = self.connection.makefile("rb", self.rbufsize)
         if self.wbufsize == 0:
@@ -110,11 +114,7 @@ class StreamRequestHandler(BaseRequestHandler):
     def _set_nodelay(self, sock: trio.socket.SocketType | None) -> None:
         # trio.SocketStream turns Nagle off for every TCP stream; put it back
         # unless the handler asked for it off, as its attribute says.
-        if (
-            sock is not None
-            and not self.disable_nagle_algorithm
-            and sock.family in (socket.AF_INET, socket.AF_INET6)
-        ):
+        if sock is not None and not self.disable_nagle_algorithm and sock.family in _TCP_FAMILIES:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, False)
 
     def finish(self) -> Any:

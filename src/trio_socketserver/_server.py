@@ -12,9 +12,9 @@ import inspect
 import logging
 import math
 import socket
+import ssl
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -59,12 +59,16 @@ ACCEPT_SKIP_ERRNOS = frozenset(
 # grace, its connection is shut down so blocked socket I/O returns; a thread
 # that still has not returned this many seconds later is abandoned (logged).
 THREAD_RELEASE_TIMEOUT = 1.0
+# How long shutdown_request() may take once a stop has cut its request: long enough for an
+# async override to close the connection, short enough not to hold a hard stop.
+END_REQUEST_TIMEOUT = 1.0
 
 # Errors that mean the peer misbehaved or went away; handle_error logs them as
 # one line rather than a traceback, since there is no bug to see.
 PEER_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
+    ssl.SSLError,  # a failed handshake (plaintext, aborted); trio reports it as broken
     trio.BrokenResourceError,
     trio.TooSlowError,
 )
@@ -164,6 +168,7 @@ class BaseServer:
         self.RequestHandlerClass = RequestHandlerClass
         self._run: _Run | None = None
         self._shutdown_pending = False
+        self._run_lock = threading.Lock()
         self._closed = False
         self._workers: _Workers | None = None
         self._leftover_threads: list[HandlerThreads] = []
@@ -200,14 +205,17 @@ class BaseServer:
         server keeps serving. ``RuntimeError`` if it is already running (call
         :meth:`shutdown` first) or the server was closed.
         """
-        self._check_can_serve()
         run = _Run(trio.lowlevel.current_trio_token())
-        if self._shutdown_pending:
-            # shutdown() before serve_forever(): as in the stdlib, it makes the
-            # next serve_forever() return at once.
-            self._shutdown_pending = False
-            run.request_stop()
-        self._run = run
+        # Under the lock, so that a shutdown() from another thread either sees this
+        # run or leaves _shutdown_pending for it: never neither.
+        with self._run_lock:
+            self._check_can_serve()
+            if self._shutdown_pending:
+                # shutdown() before serve_forever(): as in the stdlib, it makes the
+                # next serve_forever() return at once.
+                self._shutdown_pending = False
+                run.request_stop()
+            self._run = run
         try:
             async with self._open_workers() as workers:
                 try:
@@ -240,10 +248,11 @@ class BaseServer:
         itself, the stdlib's deadlock); from any other thread it returns once
         :meth:`serve_forever` has returned, as the stdlib's does.
         """
-        run = self._run
-        if run is None:
-            self._shutdown_pending = True
-            return
+        with self._run_lock:
+            run = self._run
+            if run is None:
+                self._shutdown_pending = True
+                return
         try:
             on_trio_thread = trio.lowlevel.current_trio_token() is run.token
         except RuntimeError:
@@ -283,7 +292,7 @@ class BaseServer:
             if waited.cancelled_caught:
                 await call_hook(self.handle_timeout)
                 return
-            await self._dispatch(workers, request, client_address)
+            await self._admit_request(workers, request, client_address)
 
     def _check_can_serve(self) -> None:
         if self._closed:
@@ -339,20 +348,26 @@ class BaseServer:
                 workers.limiter.release_on_behalf_of(slot)
                 raise
             workers.slot = slot
-            await self._dispatch(workers, request, client_address)
+            await self._admit_request(workers, request, client_address)
             await call_hook(self.service_actions)
 
-    async def _dispatch(self, workers: _Workers, request: Any, client_address: Any) -> None:
+    async def _admit_request(self, workers: _Workers, request: Any, client_address: Any) -> None:
         """verify_request, then process_request; frees the capacity slot if no task took it."""
         self._accepted += 1
         try:
-            if await call_hook(self.verify_request, request, client_address):
+            try:
+                verified = await call_hook(self.verify_request, request, client_address)
+            except trio.Cancelled:
+                # A stop cut an async verify_request(): no task owns the request yet.
+                await self._end_request(request)
+                raise
+            if verified:
                 await call_hook(self.process_request, request, client_address)
             else:
-                self.shutdown_request(request)
+                await self._end_request(request)
         except Exception:
             await self._report_error(request, client_address)
-            self.shutdown_request(request)
+            await self._end_request(request)
         finally:
             if workers.slot is not None:
                 workers.limiter.release_on_behalf_of(workers.slot)
@@ -376,7 +391,9 @@ class BaseServer:
                     raise
 
     def _log_capacity(self, exc: OSError) -> None:
-        now = time.monotonic()
+        # trio's clock, not time.monotonic(): the interval is measured on the same clock as
+        # the backoff sleeps, so it holds under a MockClock too.
+        now = trio.current_time()
         if now - self._last_capacity_log >= CAPACITY_LOG_INTERVAL:
             self._last_capacity_log = now
             LOGGER.warning(
@@ -432,7 +449,16 @@ class BaseServer:
         except Exception:
             await self._report_error(request, client_address)
         finally:
-            self.shutdown_request(request)
+            await self._end_request(request)
+
+    async def _end_request(self, request: Any) -> None:
+        """shutdown_request(); an async override is awaited shielded, so a stop cannot cut
+        it before it closed the connection, and bounded, so it cannot hold a stop either.
+        """
+        result = self.shutdown_request(request)
+        if inspect.isawaitable(result):
+            with trio.CancelScope(shield=True), trio.move_on_after(END_REQUEST_TIMEOUT):
+                await result
 
     def _async_request(self, request: Any) -> Any:
         """What an async handler's ``self.request`` is for this raw request."""
@@ -493,6 +519,9 @@ class BaseServer:
 
     # -- hooks (the stdlib's names and order) -----------------------------
 
+    def server_activate(self) -> None:
+        """Called by a family's constructor after binding; the stdlib's BaseServer does nothing."""
+
     def service_actions(self) -> None:
         """Called by :meth:`serve_forever` after each request and every poll interval."""
 
@@ -515,9 +544,12 @@ class BaseServer:
             return handler.run()
         return None
 
-    def shutdown_request(self, request: Any) -> None:
-        """Called once a request is done to end it; the default closes it."""
-        self.close_request(request)
+    def shutdown_request(self, request: Any) -> Any:
+        """Called once a request is done to end it; the default closes it.
+
+        Returns what :meth:`close_request` returns, so the engine awaits an async override.
+        """
+        return self.close_request(request)
 
     def close_request(self, request: Any) -> None:
         """Clean up a request; the default does nothing."""
@@ -558,7 +590,8 @@ class BaseServer:
         self._leftover_threads = [t for t in self._leftover_threads if t.has_threads]
 
     def _close_socket(self) -> None:
-        raise NotImplementedError
+        """Close what the server listens on; BaseServer has no socket of its own (the
+        stdlib's ``BaseServer.server_close()`` does nothing either), the families close theirs."""
 
     def fileno(self) -> int:
         """The server socket's file descriptor."""

@@ -15,6 +15,10 @@ import attrs
 import trio
 
 _thread_names = itertools.count(1)
+# An idle handler thread exits after this many seconds without work: a burst of clients
+# (hostile ones included) must not leave its peak of threads and stacks behind for the rest
+# of the run, while steady traffic keeps reusing the same threads (trio's cache also uses 10 s).
+IDLE_THREAD_TIMEOUT = 10.0
 
 # Which server (if any) the current thread is running a handler for. shutdown()
 # reads it: waiting for serve_forever() from inside one of its own handler
@@ -83,9 +87,11 @@ class HandlerThreads:
 
     A thread is started only when no idle one is waiting, so the pool grows to
     the peak number of concurrent sync requests (bounded by the server's
-    capacity) and no further. :meth:`close` makes every idle thread exit and
-    joins it, so after a run the process has no handler thread left, except
-    those still running abandoned jobs (see the server's shutdown rules).
+    capacity) and no further; a thread idle for ``IDLE_THREAD_TIMEOUT``
+    seconds exits, so a burst does not leave its peak behind. :meth:`close`
+    makes every idle thread exit and joins it, so after a run the process has
+    no handler thread left, except those still running abandoned jobs (see the
+    server's shutdown rules).
     Unlike ``trio.to_thread``'s process-wide cache, whose idle threads linger
     for seconds, this keeps the "no thread outlives its server" promise.
     """
@@ -117,13 +123,27 @@ class HandlerThreads:
                 name=f"trio_socketserver handler {next(_thread_names)}",
                 daemon=self.daemon,
             )
+            # Threads that exited idle are dropped here, on the trio thread, like close().
+            self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
             thread.start()
         return job
 
     def _work(self) -> None:
         me = threading.current_thread()
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=IDLE_THREAD_TIMEOUT)
+            except queue.Empty:
+                with self._lock:
+                    # Leave only as an unclaimed idle thread; if submit() has just claimed
+                    # the last one (_idle is 0), its job is on the way: take it.
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return
+                continue
+            if job is None:
+                return
             with self._lock:
                 self._running[me] = job
             job.run()

@@ -1,0 +1,352 @@
+# The four server families as a user meets them: construction (bind, listen, options,
+# errors), server_close() and Unix socket files, and datagram requests. Serve-loop and
+# lifecycle behaviour shared by every family is in test_server.py.
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import trio_socketserver as ts
+from conftest import connect, in_thread, receive_line, serving
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+LOCALHOST = ("127.0.0.1", 0)
+
+
+class Echo(ts.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+async def echo_once(stream: trio.abc.Stream, data: bytes = b"ping\n") -> bytes:
+    async with stream:
+        await stream.send_all(data)
+        return await receive_line(stream)
+
+
+def _ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# -- construction -----------------------------------------------------------------------
+
+
+def test_constructor_binds_and_listens() -> None:
+    with socket.socket() as client:
+        server = ts.TCPServer(LOCALHOST, Echo)
+        try:
+            host, port = server.server_address
+            assert (host, port != 0) == ("127.0.0.1", True)
+            assert server.fileno() == server.socket.fileno() >= 0
+            assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            # Listening already: the kernel completes the handshake before serve_forever().
+            client.settimeout(5)
+            client.connect(server.server_address)
+        finally:
+            server.server_close()
+
+
+def test_address_in_use_names_the_address_and_leaks_nothing() -> None:
+    first = ts.TCPServer(LOCALHOST, Echo)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError) as caught:
+            ts.TCPServer(first.server_address, Echo)
+        assert caught.value.errno == errno.EADDRINUSE
+        assert str(first.server_address[1]) in str(caught.value)
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        first.server_close()
+
+
+async def test_bind_and_activate_false_then_manual_bind_and_activate() -> None:
+    server = ts.TCPServer(LOCALHOST, Echo, bind_and_activate=False)
+    # Nothing bound yet: the user can still set options on the socket.
+    assert server.socket.getsockname() == ("0.0.0.0", 0)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    server.server_bind()
+    assert server.server_address[1] != 0
+    assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+    server.server_activate()
+    assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    with trio.fail_after(5):
+        async with serving(server):
+            assert await echo_once(await connect(server)) == b"ping\n"
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_allow_reuse_address_and_port(reuse: bool) -> None:
+    class Server(ts.TCPServer):
+        allow_reuse_address = reuse
+        allow_reuse_port = reuse
+
+    server = Server(LOCALHOST, Echo)
+    try:
+        sock = server.socket
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) is reuse
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) is reuse
+    finally:
+        server.server_close()
+
+
+def test_allow_reuse_port_lets_two_servers_share_a_port() -> None:
+    class Server(ts.TCPServer):
+        allow_reuse_port = True
+
+    first = Server(LOCALHOST, Echo)
+    try:
+        second = Server(first.server_address, Echo)
+        second.server_close()
+    finally:
+        first.server_close()
+
+
+@pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 loopback")
+async def test_ipv6_server() -> None:
+    class Server6(ts.TCPServer):
+        address_family = socket.AF_INET6
+
+    with trio.fail_after(5):
+        async with serving(Server6(("::1", 0), Echo)) as server:
+            assert server.socket.family == socket.AF_INET6
+            assert server.server_address[0] == "::1"
+            assert await echo_once(await connect(server)) == b"ping\n"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss(8) to read the backlog")
+def test_request_queue_size_is_the_listen_backlog() -> None:
+    class Server(ts.TCPServer):
+        request_queue_size = 7
+
+    server = Server(LOCALHOST, Echo)
+    try:
+        port = server.server_address[1]
+        out = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10
+        ).stdout
+        # For a listening socket ss shows the backlog in the Send-Q column.
+        state, _recv_q, send_q, *_ = out.split()
+        assert (state, send_q) == ("LISTEN", "7")
+    finally:
+        server.server_close()
+
+
+# -- server_close -------------------------------------------------------------------------
+
+
+def test_server_close_is_idempotent_and_invalidates_fileno() -> None:
+    server = ts.TCPServer(LOCALHOST, Echo)
+    server.server_close()
+    assert server.socket.fileno() == -1
+    server.server_close()
+    assert server.socket.fileno() == -1
+
+
+async def test_async_with_closes_the_socket() -> None:
+    async with ts.TCPServer(LOCALHOST, Echo) as server:
+        assert server.socket.fileno() >= 0
+    assert server.socket.fileno() == -1
+
+
+# -- Unix sockets ------------------------------------------------------------------------
+
+
+async def unix_echo_once(path: str | bytes) -> bytes:
+    return await echo_once(await trio.open_unix_socket(path))
+
+
+async def test_unix_stream_server_serves_and_removes_its_socket_file(unix_dir: Path) -> None:
+    path = str(unix_dir / "s.sock")
+    with trio.fail_after(5):
+        async with serving(ts.UnixStreamServer(path, Echo)) as server:
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+            assert server.server_address == path
+            assert await unix_echo_once(path) == b"ping\n"
+    assert not await trio.Path(path).exists()
+
+
+@pytest.mark.parametrize("family", [ts.UnixStreamServer, ts.UnixDatagramServer])
+def test_unix_path_that_is_not_a_socket_is_refused(unix_dir: Path, family: Any) -> None:
+    path = unix_dir / "data.txt"
+    path.write_text("precious")
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="not a socket") as caught:
+        family(str(path), Echo)
+    assert str(path) in str(caught.value)
+    assert path.read_text() == "precious"
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_unix_symlink_at_the_path_is_neither_followed_nor_replaced(unix_dir: Path) -> None:
+    target = unix_dir / "target"
+    link = unix_dir / "link.sock"
+    link.symlink_to(target)  # dangling: bind() would create the socket at `target`
+    with pytest.raises(OSError, match="not a socket"):
+        ts.UnixStreamServer(str(link), Echo)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert not os.path.lexists(target)
+
+
+def test_unix_stale_socket_file_is_in_use_not_removed(unix_dir: Path) -> None:
+    path = str(unix_dir / "stale.sock")
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(path)  # a socket file nobody listens on, as a crashed server leaves
+    with pytest.raises(OSError) as caught:
+        ts.UnixStreamServer(path, Echo)
+    assert caught.value.errno == errno.EADDRINUSE
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def test_server_close_removes_only_the_file_it_created(unix_dir: Path) -> None:
+    path = unix_dir / "s.sock"
+    server = ts.UnixStreamServer(str(path), Echo)
+    # Someone replaced the socket file meanwhile: it is theirs, not the server's.
+    path.unlink()
+    path.write_text("someone else's")
+    server.server_close()
+    assert path.read_text() == "someone else's"
+
+
+async def test_unix_abstract_namespace(unix_dir: Path) -> None:
+    name = f"\0trio-socketserver-test-{os.getpid()}-{unix_dir.name}"
+    with trio.fail_after(5):
+        async with serving(ts.UnixStreamServer(name, Echo)) as server:
+            assert await unix_echo_once(name) == b"ping\n"
+    assert server.socket.fileno() == -1
+    assert not os.listdir(unix_dir)
+
+
+def test_unix_socket_mode(unix_dir: Path) -> None:
+    class Private(ts.UnixStreamServer):
+        socket_mode = 0o600
+
+    path = str(unix_dir / "private.sock")
+    server = Private(path, Echo)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    finally:
+        server.server_close()
+
+
+# -- datagram servers ---------------------------------------------------------------------
+
+
+class AsyncUpper(ts.BaseRequestHandler):
+    async def handle(self) -> None:
+        data, sock = self.request
+        assert isinstance(sock, trio.socket.SocketType)
+        await sock.sendto(data.upper(), self.client_address)
+
+
+class SyncUpper(ts.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        assert type(sock) is socket.socket
+        assert threading.current_thread() is not threading.main_thread()
+        sock.sendto(data.upper(), self.client_address)
+
+
+class AsyncDatagramUpper(ts.DatagramRequestHandler):
+    async def handle(self) -> None:
+        self.wfile.write(self.rfile.read().upper())
+
+
+class SyncDatagramUpper(ts.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.read().upper())
+
+
+DATAGRAM_HANDLERS = [AsyncUpper, SyncUpper, AsyncDatagramUpper, SyncDatagramUpper]
+
+
+async def udp_exchange(family: int, server_address: Any, data: bytes, bind: Any = None) -> bytes:
+    with trio.socket.socket(family, socket.SOCK_DGRAM) as client:
+        await client.bind(bind if bind is not None else ("127.0.0.1", 0))
+        await client.sendto(data, server_address)
+        return await client.recv(65536)
+
+
+@pytest.mark.parametrize("handler", DATAGRAM_HANDLERS)
+async def test_udp_server(handler: Any) -> None:
+    with trio.fail_after(5):
+        async with serving(ts.UDPServer(LOCALHOST, handler)) as server:
+            for word in (b"one", b"two"):
+                reply = await udp_exchange(socket.AF_INET, server.server_address, word)
+                assert reply == word.upper()
+        assert server.statistics().finished_requests == 2
+
+
+@pytest.mark.parametrize("handler", DATAGRAM_HANDLERS)
+async def test_unix_datagram_server(handler: Any, unix_dir: Path) -> None:
+    path = str(unix_dir / "d.sock")
+    with trio.fail_after(5):
+        async with serving(ts.UnixDatagramServer(path, handler)):
+            reply = await udp_exchange(socket.AF_UNIX, path, b"hi", bind=str(unix_dir / "c"))
+            assert reply == b"HI"
+    assert sorted(os.listdir(unix_dir)) == ["c"]
+
+
+async def test_threading_udp_server() -> None:
+    with trio.fail_after(5):
+        async with serving(ts.ThreadingUDPServer(LOCALHOST, SyncDatagramUpper)) as server:
+            assert await udp_exchange(socket.AF_INET, server.server_address, b"x") == b"X"
+
+
+async def test_max_packet_size_truncates_datagrams() -> None:
+    class Small(ts.UDPServer):
+        max_packet_size = 4
+
+    with trio.fail_after(5):
+        async with serving(Small(LOCALHOST, AsyncDatagramUpper)) as server:
+            assert await udp_exchange(socket.AF_INET, server.server_address, b"abcdefgh") == b"ABCD"
+
+
+async def test_udp_handler_error_does_not_stop_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    class Picky(ts.DatagramRequestHandler):
+        async def handle(self) -> None:
+            data = self.rfile.read()
+            if data == b"bad":
+                raise ValueError("bad datagram")
+            self.wfile.write(data)
+
+    with trio.fail_after(5):
+        async with serving(ts.UDPServer(LOCALHOST, Picky)) as server:
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                await client.bind(("127.0.0.1", 0))
+                await client.sendto(b"bad", server.server_address)
+                await client.sendto(b"good", server.server_address)
+                # finish() runs even when handle() raised, so the bad datagram gets the
+                # (empty) reply its wfile holds, as with the stdlib.
+                replies = {await client.recv(100), await client.recv(100)}
+                assert replies == {b"", b"good"}
+    assert "bad datagram" in caplog.text
+
+
+async def test_stdlib_udp_client() -> None:
+    with trio.fail_after(5):
+        async with serving(ts.UDPServer(LOCALHOST, SyncDatagramUpper)) as server:
+
+            def client() -> bytes:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.settimeout(5)
+                    s.sendto(b"stdlib", server.server_address)
+                    return s.recv(100)
+
+            assert await in_thread(client) == b"STDLIB"

@@ -1,0 +1,415 @@
+# Request handlers as a handler author sees them: what self.request / rfile / wfile are in an
+# async handler, the rbufsize / wbufsize / timeout / disable_nagle_algorithm attributes, and
+# the setup() -> handle() -> finish() sequence, for async and sync handlers.
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import socket
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import trio_socketserver as ts
+from conftest import connect, receive_all, receive_line, serving
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+LOCALHOST = ("127.0.0.1", 0)
+
+
+def unread_bytes(stream: trio.SocketStream) -> int:
+    """How many bytes the kernel holds for ``stream`` that nobody read yet (FIONREAD).
+
+    Loopback delivers a send into the peer's receive queue before send() returns, so this
+    tells, without waiting, whether the server has sent anything.
+    """
+    count = array.array("i", [0])
+    fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+async def exchange(server: Any, data: bytes) -> bytes:
+    """Send ``data``, half-close, and return everything the server sends back."""
+    async with await connect(server) as client:
+        await client.send_all(data)
+        await client.send_eof()
+        return await receive_all(client)
+
+
+# -- what an async handler gets ----------------------------------------------------------
+
+
+async def test_async_handler_sees_trio_objects() -> None:
+    seen: dict[str, Any] = {}
+
+    class Inspect(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            seen.update(
+                request=self.request,
+                connection=self.connection,
+                client_address=self.client_address,
+                server=self.server,
+                rfile=self.rfile,
+                wfile=self.wfile,
+            )
+
+    with trio.fail_after(5):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Inspect)) as server,
+            await connect(server) as client,
+        ):
+            assert await receive_all(client) == b""
+            client_address = client.socket.getsockname()
+    assert isinstance(seen["request"], trio.SocketStream)
+    assert seen["connection"] is seen["request"]
+    assert seen["client_address"] == client_address
+    assert seen["server"] is server
+    assert isinstance(seen["rfile"], ts.StreamReader)
+    assert isinstance(seen["wfile"], ts.StreamWriter)
+
+
+async def test_each_async_handler_runs_in_its_own_task() -> None:
+    blocked = trio.Event()
+
+    class Echo(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            blocked.set()
+            async for line in self.rfile:
+                await self.wfile.write(line)
+
+    with trio.fail_after(5):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Echo)) as server,
+            await connect(server) as silent,
+        ):
+            await blocked.wait()  # the first handler waits on a client that sends nothing
+            async with await connect(server) as other:
+                await other.send_all(b"served\n")
+                assert await receive_line(other) == b"served\n"
+            await silent.send_all(b"me too\n")
+            assert await receive_line(silent) == b"me too\n"
+
+
+async def test_rfile_readline_read_readexactly_and_iteration() -> None:
+    class Reader(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            parts = [
+                await self.rfile.readline(4),  # a limit splits a long line
+                await self.rfile.readline(),
+                await self.rfile.read(3),
+                await self.rfile.readexactly(2),
+            ]
+            parts += [line async for line in self.rfile]
+            await self.wfile.write(repr(parts).encode())
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Reader)) as server:
+            reply = await exchange(server, b"abcdefg\nxyzAB1\n2\n3")
+    assert reply == repr([b"abcd", b"efg\n", b"xyz", b"AB", b"1\n", b"2\n", b"3"]).encode()
+
+
+async def test_readexactly_at_eof_raises_incomplete_read() -> None:
+    errors: list[BaseException] = []
+
+    class Exact(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            try:
+                await self.rfile.readexactly(10)
+            except ts.IncompleteReadError as exc:
+                errors.append(exc)
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Exact)) as server:
+            await exchange(server, b"short")
+    [error] = errors
+    assert (error.partial, error.expected) == (b"short", 10)  # type: ignore[attr-defined]
+
+
+async def test_readline_limit_bounds_an_endless_line() -> None:
+    class Limited(ts.StreamRequestHandler):
+        rbufsize = 1024
+
+        async def handle(self) -> None:
+            line = await self.rfile.readline(100)
+            await self.wfile.write(b"%d\n" % len(line))
+
+    with trio.fail_after(5):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Limited)) as server,
+            await connect(server) as client,
+        ):
+            # A line with no end: the handler answers after 100 bytes, not at EOF.
+            await client.send_all(b"x" * 5000)
+            assert await receive_line(client) == b"100\n"
+
+
+async def test_rbufsize_bounds_what_the_reader_takes_from_the_connection() -> None:
+    class OneByte(ts.StreamRequestHandler):
+        rbufsize = 1
+
+        async def handle(self) -> None:
+            first = await self.rfile.readline()
+            # Reading byte by byte, the reader took nothing past the line: the rest is
+            # still on the connection itself.
+            rest = await self.request.receive_some()
+            await self.wfile.write(first + rest)
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, OneByte)) as server:
+            assert await exchange(server, b"line\nrest") == b"line\nrest"
+
+
+async def test_wbufsize_buffers_until_flush_and_finish_flushes() -> None:
+    wrote, flushed = trio.Event(), trio.Event()
+    flush, last = trio.Event(), trio.Event()
+
+    class Buffered(ts.StreamRequestHandler):
+        wbufsize = 1024
+
+        async def handle(self) -> None:
+            await self.wfile.write(b"one\n")
+            wrote.set()
+            await flush.wait()
+            await self.wfile.flush()
+            flushed.set()
+            await last.wait()
+            await self.wfile.write(b"two\n")  # buffered, then sent by finish()
+
+    with trio.fail_after(5):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Buffered)) as server,
+            await connect(server) as client,
+        ):
+            await wrote.wait()
+            assert unread_bytes(client) == 0
+            flush.set()
+            await flushed.wait()
+            assert unread_bytes(client) == 4
+            last.set()
+            assert await receive_all(client) == b"one\ntwo\n"
+
+
+async def test_wbufsize_zero_sends_each_write_at_once() -> None:
+    wrote, done = trio.Event(), trio.Event()
+
+    class Unbuffered(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            await self.wfile.write(b"now\n")
+            wrote.set()
+            await done.wait()
+
+    with trio.fail_after(5):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Unbuffered)) as server,
+            await connect(server) as client,
+        ):
+            await wrote.wait()
+            assert unread_bytes(client) == 4
+            done.set()
+            assert await receive_all(client) == b"now\n"
+
+
+@pytest.mark.parametrize("sent", [b"", b"half a li"], ids=["silent", "half-line"])
+async def test_handler_timeout_bounds_a_stuck_client(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
+
+    class Lines(ts.StreamRequestHandler):
+        timeout = 2.0
+
+        async def handle(self) -> None:
+            async for line in self.rfile:
+                await self.wfile.write(line)
+
+    with trio.fail_after(60):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Lines)) as server,
+            await connect(server) as client,
+        ):
+            await client.send_all(b"ok\n" + sent)
+            assert await receive_line(client) == b"ok\n"
+            start = trio.current_time()
+            assert await receive_all(client) == b""  # the server hung up on it
+            assert trio.current_time() - start == pytest.approx(2.0)
+    assert server.statistics().finished_requests == 1
+    assert "TimeoutError" in caplog.text
+
+
+async def test_handler_timeout_bounds_a_client_that_stops_reading(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
+    chunk = b"x" * 2**20
+    stuck_at: list[float] = []
+    gave_up = trio.Event()
+
+    class Flood(ts.StreamRequestHandler):
+        timeout = 2.0
+
+        async def handle(self) -> None:
+            try:
+                for _ in range(256):  # far more than the socket buffers hold
+                    await self.wfile.write(chunk)
+            finally:
+                stuck_at.append(trio.current_time())
+                gave_up.set()
+
+    with trio.fail_after(60):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Flood)) as server,
+            await connect(server),  # a client that never reads
+        ):
+            start = trio.current_time()
+            await gave_up.wait()
+    # The last send waited 2 s for a peer that did not read, then the handler ended.
+    assert stuck_at[0] - start == pytest.approx(2.0)
+    assert "TimeoutError" in caplog.text
+
+
+@pytest.mark.parametrize("disable", [False, True])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_disable_nagle_algorithm_sets_tcp_nodelay(disable: bool, is_async: bool) -> None:
+    seen: list[int] = []
+
+    class Async(ts.StreamRequestHandler):
+        disable_nagle_algorithm = disable
+
+        async def handle(self) -> None:
+            seen.append(self.request.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    class Sync(ts.StreamRequestHandler):
+        disable_nagle_algorithm = disable
+
+        def handle(self) -> None:
+            seen.append(self.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Async if is_async else Sync)) as server:
+            await exchange(server, b"")
+    assert [bool(v) for v in seen] == [disable]
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_unix_stream_handler_with_nagle_disabled(unix_dir: Path, is_async: bool) -> None:
+    # One handler class for TCP and Unix: the option is meaningless on a Unix socket, and
+    # must be harmless there (setting TCP_NODELAY on it would fail every request).
+    class AsyncEcho(ts.StreamRequestHandler):
+        disable_nagle_algorithm = True
+
+        async def handle(self) -> None:
+            await self.wfile.write(await self.rfile.readline())
+
+    class SyncEcho(ts.StreamRequestHandler):
+        disable_nagle_algorithm = True
+
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    path = str(unix_dir / "s.sock")
+    handler = AsyncEcho if is_async else SyncEcho
+    with trio.fail_after(5):
+        async with (
+            serving(ts.UnixStreamServer(path, handler)),
+            await trio.open_unix_socket(path) as client,
+        ):
+            await client.send_all(b"unix\n")
+            assert await receive_line(client) == b"unix\n"
+
+
+# -- setup / handle / finish ----------------------------------------------------------------
+
+
+def sequence_handler(log: list[str], *, is_async: bool, fail_in: str = "") -> type[Any]:
+    """A StreamRequestHandler recording setup/handle/finish, raising in ``fail_in``."""
+
+    def step(name: str) -> None:
+        log.append(name)
+        if name == fail_in:
+            raise ValueError(f"{name} failed")
+
+    if is_async:
+
+        class Async(ts.StreamRequestHandler):
+            async def setup(self) -> None:
+                super().setup()
+                await trio.lowlevel.checkpoint()
+                step("setup")
+
+            async def handle(self) -> None:
+                await self.wfile.write(b"hi\n")
+                step("handle")
+
+            async def finish(self) -> None:
+                step("finish")
+                await super().finish()
+
+        return Async
+
+    class Sync(ts.StreamRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            step("setup")
+
+        def handle(self) -> None:
+            self.wfile.write(b"hi\n")
+            step("handle")
+
+        def finish(self) -> None:
+            step("finish")
+            super().finish()
+
+    return Sync
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("fail_in", "steps"),
+    [
+        ("", ["setup", "handle", "finish"]),
+        ("handle", ["setup", "handle", "finish"]),  # finish() runs even when handle() raises
+        ("setup", ["setup"]),  # as the stdlib: a failed setup() is not finished
+    ],
+    ids=["ok", "handle-raises", "setup-raises"],
+)
+async def test_setup_handle_finish(is_async: bool, fail_in: str, steps: list[str]) -> None:
+    log: list[str] = []
+    errors: list[Any] = []
+
+    class Server(ts.TCPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            errors.append(client_address)
+
+    handler = sequence_handler(log, is_async=is_async, fail_in=fail_in)
+    with trio.fail_after(5):
+        async with serving(Server(LOCALHOST, handler)) as server:
+            reply = await exchange(server, b"")
+    assert log == steps
+    assert len(errors) == (1 if fail_in else 0)
+    assert reply == (b"" if fail_in == "setup" else b"hi\n")
+
+
+async def test_sync_setup_and_finish_overrides_on_an_async_handler() -> None:
+    log: list[str] = []
+
+    class Mixed(ts.BaseRequestHandler):
+        def setup(self) -> None:
+            log.append("setup")
+
+        async def handle(self) -> None:
+            await self.request.send_all(b"hi\n")
+            log.append("handle")
+
+        def finish(self) -> None:
+            log.append("finish")
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Mixed)) as server:
+            assert await exchange(server, b"") == b"hi\n"
+    assert log == ["setup", "handle", "finish"]
