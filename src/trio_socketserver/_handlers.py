@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from ._server import call_hook, is_async_handler
+from ._server import accepted_socket_under, call_hook, is_async_handler
 from ._streams import StreamReader, StreamWriter
 
 # How long finishing a connection may spend sending TLS's close_notify: a
@@ -95,8 +95,9 @@ class StreamRequestHandler(BaseRequestHandler):
         self.connection = self.request
         if is_async_handler(type(self)):
             self._set_nodelay(_socket_of(self.request))
-            self.rfile = StreamReader(self.request, self.rbufsize, self.timeout)
-            self.wfile = StreamWriter(self.request, self.wbufsize, self.timeout)
+            sock = accepted_socket_under(self.request)
+            self.rfile = StreamReader(self.request, self.rbufsize, self.timeout, sock=sock)
+            self.wfile = StreamWriter(self.request, self.wbufsize, self.timeout, sock=sock)
             return None
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)

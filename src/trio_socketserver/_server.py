@@ -7,6 +7,7 @@
 # override them with plain functions.
 from __future__ import annotations
 
+import contextvars
 import errno
 import inspect
 import logging
@@ -80,6 +81,27 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+# The connection socket the current handler task was accepted with: lets the handler's
+# reader and writer use it directly (see accepted_socket_under). A context variable, because
+# each request runs in its own task and the stdlib's hook signatures have no room for it.
+_accepted_socket: contextvars.ContextVar[socket.socket] = contextvars.ContextVar(
+    "trio_socketserver_accepted_socket"
+)
+
+
+def accepted_socket_under(stream: object) -> socket.socket | None:
+    """The accepted stdlib socket under ``stream``, if ``stream`` is a plain
+    ``trio.SocketStream`` on it (not TLS, not a stream a hook substituted)."""
+    sock = _accepted_socket.get(None)
+    if (
+        sock is None
+        or not isinstance(stream, trio.SocketStream)
+        or stream.socket.fileno() != sock.fileno()
+    ):
+        return None
+    return sock
 
 
 def is_async_handler(handler_class: object) -> bool:
@@ -444,6 +466,8 @@ class BaseServer:
                 workers.limiter.release_on_behalf_of(slot)
 
     async def _handle_async(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, socket.socket):
+            _accepted_socket.set(request)
         try:
             await call_hook(self.finish_request, self._async_request(request), client_address)
         except Exception:
