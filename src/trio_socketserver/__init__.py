@@ -16,6 +16,11 @@ from ._families import ThreadingUnixStreamServer as ThreadingUnixStreamServer
 from ._families import UDPServer as UDPServer
 from ._families import UnixDatagramServer as UnixDatagramServer
 from ._families import UnixStreamServer as UnixStreamServer
+from ._forking import ForkingMixIn as ForkingMixIn
+from ._forking import ForkingTCPServer as ForkingTCPServer
+from ._forking import ForkingUDPServer as ForkingUDPServer
+from ._forking import ForkingUnixDatagramServer as ForkingUnixDatagramServer
+from ._forking import ForkingUnixStreamServer as ForkingUnixStreamServer
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
@@ -30,6 +35,11 @@ __all__ = [
     "BaseRequestHandler",
     "BaseServer",
     "DatagramRequestHandler",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "ForkingUnixDatagramServer",
+    "ForkingUnixStreamServer",
     "IncompleteReadError",
     "ServerStatistics",
     "StreamReader",
