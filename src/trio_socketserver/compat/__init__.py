@@ -1,0 +1,291 @@
+# trio_socketserver.compat: the stdlib `socketserver` module as a drop-in on the trio engine.
+# Every server class here is an engine class plus the stdlib's blocking entry points:
+# serve_forever() and handle_request() run the engine with trio.run() in the calling thread, so
+# they work from the main thread or any other, and shutdown()/server_close() reach that run from
+# anywhere. Nothing here serves requests itself; what it adds is only what stdlib callers can
+# observe (blocking calls, the socket's timeout, get_request() errors, how handler threads end).
+# install()/uninstall() live in _install.py, the Forking* names in _forking.py (imported on first
+# use), `python -m trio_socketserver.compat.http` in http.py.
+"""A drop-in replacement for the stdlib ``socketserver`` module, running on trio.
+
+Replace ``import socketserver`` with ``from trio_socketserver import compat as socketserver``,
+or call :func:`install` before anything imports ``socketserver`` to run ``http.server``,
+``xmlrpc.server``, ``wsgiref.simple_server`` and ``logging.config.listen`` on the trio engine
+unmodified. The names, signatures, hooks and attributes are the stdlib's; the deliberate
+differences are listed in ``docs/compat.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from .. import _families, _server, _threading
+from .._handlers import BaseRequestHandler as BaseRequestHandler
+from .._handlers import DatagramRequestHandler as DatagramRequestHandler
+from .._handlers import StreamRequestHandler as StreamRequestHandler
+from .._server import LOGGER
+from ._install import install as install
+from ._install import installed as installed
+from ._install import uninstall as uninstall
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+# The stdlib module's __all__ (3.13's, the superset of 3.10 to 3.13), so that
+# `from trio_socketserver.compat import *` binds what `from socketserver import *` binds.
+__all__ = [
+    "BaseRequestHandler",
+    "BaseServer",
+    "DatagramRequestHandler",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "ForkingUnixDatagramServer",
+    "ForkingUnixStreamServer",
+    "StreamRequestHandler",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
+]
+
+# Names that need the worker-process pool; resolved by __getattr__ on first use, so that a
+# threading server never loads it.
+_FORKING_NAMES = frozenset(name for name in __all__ if name.startswith("Forking"))
+
+ServerT = TypeVar("ServerT", bound="BaseServer")
+
+# The families' own get_request(): they raise BlockingIOError when nothing is ready and the
+# engine then waits, so the engine may call them before the socket is readable, saving an
+# epoll round trip per accept (about a tenth of the CPU a connection costs compat).
+_ENGINE_GET_REQUESTS = frozenset({_families.TCPServer.get_request, _families.UDPServer.get_request})
+
+
+class BaseServer(_server.BaseServer):
+    """The stdlib's ``BaseServer``, with blocking methods callable from any thread.
+
+    :meth:`serve_forever` and :meth:`handle_request` run the trio engine in the calling thread
+    (``trio.run``); :meth:`shutdown` and :meth:`server_close` may be called from any thread,
+    a handler included. Hooks are plain methods called as the stdlib calls them:
+    ``verify_request``, ``process_request``, ``service_actions``, ``handle_timeout`` and
+    ``get_request`` on the thread running the server, ``finish_request``, ``handle_error``
+    and ``shutdown_request`` of a sync handler on its handler thread.
+    """
+
+    def serve_forever(self, poll_interval: float | None = 0.5) -> None:  # type: ignore[override]
+        """Handle requests until :meth:`shutdown`; blocks the calling thread.
+
+        ``poll_interval`` only paces :meth:`service_actions`: a shutdown takes effect at once.
+
+        Thread safety: call it from any thread, one ``serve_forever()`` at a time per server.
+
+        Cancellation: ``KeyboardInterrupt`` (Ctrl-C, when it runs in the main thread) is a
+        hard stop: in-flight requests are cut, their sockets shut down, and the exception
+        propagates, as the stdlib's does.
+
+        Errors: a handler's exception goes to ``handle_error`` and the server keeps serving;
+        ``SystemExit``/``KeyboardInterrupt`` from a handler of a synchronous server end it and
+        propagate, as in the stdlib. ``RuntimeError`` if it is already running or the server
+        is closed.
+        """
+        self._run_engine(super().serve_forever, poll_interval)
+
+    def handle_request(self) -> None:  # type: ignore[override]
+        """Wait for one request, handle it to completion, return; blocks the calling thread.
+
+        Waits at most ``timeout`` seconds, or the server socket's own timeout if that is
+        shorter (the stdlib's rule), then calls :meth:`handle_timeout`. With a threading
+        mixin it returns once the request is done, not once its thread started.
+        """
+        timeout = self.timeout
+        socket_timeout = self.socket.gettimeout()
+        if socket_timeout is not None:
+            timeout = socket_timeout if timeout is None else min(timeout, socket_timeout)
+        self._run_engine(self._handle_one_request, timeout)
+
+    async def _handle_one_request(self, wait: float | None) -> None:
+        self._check_can_serve()
+        if wait is not None:
+            with trio.move_on_after(wait) as waited:
+                await trio.lowlevel.wait_readable(self.socket)
+            if waited.cancelled_caught:
+                await _server.call_hook(self.handle_timeout)
+                return
+        await super().handle_request()
+
+    def _run_engine(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run the engine in this thread; leave the socket's blocking mode as it was found.
+
+        The engine makes the server socket non-blocking while it serves; a stdlib caller
+        that set a timeout on ``server.socket`` finds it again afterwards.
+        """
+        sock = self.socket
+        socket_timeout = sock.gettimeout()
+        try:
+            trio.run(async_fn, *args)
+        except BaseExceptionGroup as group:
+            # The engine's nurseries wrap what a handler or hook raised; the stdlib's caller
+            # expects the exception itself (SystemExit from a handler, an OSError, ...).
+            error = _sole_exception(group)
+            if error is group:
+                raise
+        else:
+            return
+        finally:
+            if sock.fileno() != -1:
+                sock.settimeout(socket_timeout)
+        raise error
+
+    async def _get_request(self) -> tuple[Any, Any]:
+        """The engine's accept step with the stdlib's manners.
+
+        An overriding ``get_request()`` is called only once the socket is readable (one that
+        logs its errors never sees a spurious ``BlockingIOError``), and an ``OSError`` from it costs
+        that request only, as the stdlib ignores it: a ``get_request()`` that wraps the
+        connection in TLS must not end the server when one client fails the handshake.
+        """
+        wait_first = type(self).get_request not in _ENGINE_GET_REQUESTS
+        while True:
+            if wait_first:
+                await trio.lowlevel.wait_readable(self.socket)
+            try:
+                return await super()._get_request()
+            except OSError as exc:
+                LOGGER.info("get_request() failed on %s: %r; skipped", self.server_address, exc)
+
+    def __enter__(self: ServerT) -> ServerT:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server_close()
+
+
+def _sole_exception(error: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else ``error``."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+class TCPServer(BaseServer, _families.TCPServer):
+    """The stdlib's ``TCPServer``: binds and listens in the constructor.
+
+    ``request_queue_size`` is 1024, not the stdlib's 5: the server stops accepting while it
+    is busy (one request at a time here, ``max_threads`` with :class:`ThreadingMixIn`), so
+    waiting clients queue in the kernel backlog; with 5 a burst of clients waits for SYN
+    retransmits, a second or more each. Set it back on a subclass if you rely on it.
+
+    The constructor takes the stdlib's arguments only. TLS is done the stdlib's way (wrap
+    ``server.socket``, or the connection in ``get_request()``): the engine's ``ssl_context``
+    is not used here, since stdlib subclasses use that attribute name for their own context
+    (werkzeug's dev server wraps its listening socket and stores it there).
+    """
+
+    def __init__(
+        self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
+    ) -> None:
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+
+    def _blocking_request(self, request: Any) -> Any:
+        return request
+
+
+class UDPServer(TCPServer, _families.UDPServer):
+    """The stdlib's ``UDPServer``: each datagram is a request."""
+
+
+class UnixStreamServer(TCPServer, _families.UnixStreamServer):
+    """The stdlib's ``UnixStreamServer``; removes the socket file it created on close."""
+
+
+class UnixDatagramServer(UDPServer, _families.UnixDatagramServer):
+    """The stdlib's ``UnixDatagramServer``; removes the socket file it created on close."""
+
+
+if TYPE_CHECKING:
+    _Mixed = BaseServer  # what the mixins are mixed into, for the type checker only
+else:
+    _Mixed = object
+
+
+class ThreadingMixIn(_threading.ThreadingMixIn, _Mixed):
+    """The stdlib's ``ThreadingMixIn``: each request of a sync handler on its own thread.
+
+    Threads come from the engine's per-run pool and are reused; ``max_threads`` (default
+    ``None``, unbounded as in the stdlib) bounds them, and a server with that many busy stops
+    accepting. ``daemon_threads``: shutdown does not wait for handler threads still running
+    after ``shutdown_grace``. ``block_on_close``: ``server_close()`` joins them, for at most
+    ``shutdown_grace`` seconds.
+
+    Each request runs through :meth:`process_request_thread` on its thread, so overrides of
+    it see every request. What escapes it (``SystemExit``, an exception from
+    ``handle_error``) goes to ``threading.excepthook`` and ends that request only, as it ends
+    only its thread in the stdlib.
+    """
+
+    # process_request() and server_close() are the engine's; they are spelled out on the mixin
+    # because stdlib code calls them through it: ThreadingMixIn.process_request(self, ...).
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the request on a handler thread; returns at once."""
+        super().process_request(request, client_address)
+
+    def server_close(self) -> None:
+        """Close the server; see :meth:`BaseServer.server_close` for which threads it joins."""
+        super().server_close()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Same as in BaseServer but as a thread: finish, report errors, shut down the request."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def _handle_blocking(self, connection: list[Any], client_address: Any) -> None:
+        # compat converts no request (no engine TLS): connection[0] is what get_request() gave.
+        try:
+            self.process_request_thread(connection[0], client_address)
+        except BaseException:
+            exc_type, exc, traceback = sys.exc_info()
+            threading.excepthook(
+                threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
+            )
+            del exc, traceback  # break the frame <-> traceback cycle
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    pass
+
+
+class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+    pass
+
+
+class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+    pass
+
+
+class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    pass
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FORKING_NAMES:
+        from . import _forking
+
+        value = getattr(_forking, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
