@@ -193,10 +193,20 @@ class _UnixPath:
     the process umask, as the stdlib does.
     """
 
+    address_family: int = socket.AF_UNIX
     server_address: Any
     socket: socket.socket
     socket_mode: int | None = None
     _created: tuple[str, int, int] | None = None
+
+    def server_bind(self) -> None:
+        self._check_path()
+        super().server_bind()  # type: ignore[misc]  # the server class after this mixin
+        self._record_path()
+
+    def _close_socket(self) -> None:
+        super()._close_socket()  # type: ignore[misc]
+        self._remove_path()
 
     def _check_path(self) -> None:
         path = self.server_address
@@ -244,31 +254,9 @@ def _is_abstract(path: str | bytes | os.PathLike[Any]) -> bool:
 class UnixStreamServer(_UnixPath, TCPServer):
     """A stream server on a Unix socket path (or a Linux abstract name starting with NUL)."""
 
-    address_family = socket.AF_UNIX
-
-    def server_bind(self) -> None:
-        self._check_path()
-        super().server_bind()
-        self._record_path()
-
-    def _close_socket(self) -> None:
-        super()._close_socket()
-        self._remove_path()
-
 
 class UnixDatagramServer(_UnixPath, UDPServer):
     """A datagram server on a Unix socket path."""
-
-    address_family = socket.AF_UNIX
-
-    def server_bind(self) -> None:
-        self._check_path()
-        super().server_bind()
-        self._record_path()
-
-    def _close_socket(self) -> None:
-        super()._close_socket()
-        self._remove_path()
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
