@@ -123,9 +123,8 @@ class HandlerThreads:
                 name=f"trio_socketserver handler {next(_thread_names)}",
                 daemon=self.daemon,
             )
-            # Threads that exited idle are dropped here, on the trio thread, like close().
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads.append(thread)
+            with self._lock:  # a thread leaving idle takes itself off the list
+                self._threads.append(thread)
             thread.start()
         return job
 
@@ -140,6 +139,7 @@ class HandlerThreads:
                     # the last one (_idle is 0), its job is on the way: take it.
                     if self._idle > 0:
                         self._idle -= 1
+                        self._threads.remove(me)
                         return
                 continue
             if job is None:
@@ -159,14 +159,17 @@ class HandlerThreads:
         its sentinel, so these joins are short), or running an abandoned job;
         those exit when the job ends, and :meth:`join` waits for them.
         """
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._jobs.put(None)
         with self._lock:
             abandoned = {t for t, job in self._running.items() if job.abandoned}
-        for thread in self._threads:
+        for thread in threads:
             if thread not in abandoned:
                 thread.join()
-        self._threads = [t for t in self._threads if t.is_alive()]
+        with self._lock:
+            self._threads = [t for t in threads if t.is_alive()]
 
     def join(self, timeout: float | None) -> None:
         """Join threads still running abandoned jobs, up to ``timeout`` seconds in all."""
