@@ -52,6 +52,7 @@ class Job:
         return self._finished.is_set()
 
     def run(self) -> None:
+        """Call the function on this thread; then :meth:`deliver` wakes the waiting task."""
         _current.server = self._server
         try:
             self._result = self._fn(*self._args)
@@ -60,10 +61,13 @@ class Job:
         finally:
             _current.server = None
             self._finished.set()
-            try:
-                self._token.run_sync_soon(self._done.set)
-            except trio.RunFinishedError:
-                pass  # the run that wanted the result is gone; nothing to wake
+
+    def deliver(self) -> None:
+        """Wake the task waiting in :meth:`wait` (thread-safe)."""
+        try:
+            self._token.run_sync_soon(self._done.set)
+        except trio.RunFinishedError:
+            pass  # the run that wanted the result is gone; nothing to wake
 
     async def wait(self) -> object:
         """Wait for the result, re-raising what the function raised.
@@ -82,74 +86,87 @@ class Job:
 
 
 @attrs.define(eq=False)
+class _Worker:
+    """One pool thread and the queue it takes its jobs from."""
+
+    thread: threading.Thread = attrs.field(init=False)
+    inbox: queue.SimpleQueue[Job | None] = attrs.Factory(queue.SimpleQueue)
+    job: Job | None = None  # the job it runs (guarded by the pool's lock)
+
+
+@attrs.define(eq=False)
 class HandlerThreads:
     """Reusable threads for one serve_forever() or handle_request() call.
 
     A thread is started only when no idle one is waiting, so the pool grows to
     the peak number of concurrent sync requests (bounded by the server's
-    capacity) and no further; a thread idle for ``IDLE_THREAD_TIMEOUT``
-    seconds exits, so a burst does not leave its peak behind. :meth:`close`
-    makes every idle thread exit and joins it, so after a run the process has
-    no handler thread left, except those still running abandoned jobs (see the
-    server's shutdown rules).
+    capacity) and no further. Work goes to the most recently idle thread, and
+    a thread marks itself idle *before* it wakes the task that waited for its
+    job, so steady traffic keeps reusing a few threads while the rest of a
+    burst's peak sits idle for ``IDLE_THREAD_TIMEOUT`` seconds and exits.
+    :meth:`close` makes every idle thread exit and joins it, so after a run the
+    process has no handler thread left, except those still running abandoned
+    jobs (see the server's shutdown rules).
     Unlike ``trio.to_thread``'s process-wide cache, whose idle threads linger
     for seconds, this keeps the "no thread outlives its server" promise.
     """
 
     daemon: bool
     server: object
-    _jobs: queue.SimpleQueue[Job | None] = attrs.Factory(queue.SimpleQueue)
     _lock: threading.Lock = attrs.Factory(threading.Lock)
-    _idle: int = 0
-    _threads: list[threading.Thread] = attrs.Factory(list)
-    _running: dict[threading.Thread, Job] = attrs.Factory(dict)
+    _idle: list[_Worker] = attrs.Factory(list)  # most recently idle last
+    _workers: list[_Worker] = attrs.Factory(list)
 
     @property
     def has_threads(self) -> bool:
         """Whether any thread of this pool may still be alive."""
-        return any(t.is_alive() for t in self._threads)
+        return any(w.thread.is_alive() for w in self._workers)
 
     def submit(self, fn: Callable[..., object], *args: Any) -> Job:
         """Start ``fn(*args)`` on a pool thread; must be called from the trio thread."""
         job = Job(fn, args, trio.lowlevel.current_trio_token(), self.server)
         with self._lock:
-            spawn = self._idle == 0
-            if not spawn:
-                self._idle -= 1
-        self._jobs.put(job)
-        if spawn:
-            thread = threading.Thread(
-                target=self._work,
-                name=f"trio_socketserver handler {next(_thread_names)}",
-                daemon=self.daemon,
-            )
-            with self._lock:  # a thread leaving idle takes itself off the list
-                self._threads.append(thread)
-            thread.start()
+            if self._idle:
+                worker, start = self._idle.pop(), False
+            else:
+                worker, start = self._new_worker(), True
+            worker.job = job
+        worker.inbox.put(job)
+        if start:
+            worker.thread.start()
         return job
 
-    def _work(self) -> None:
-        me = threading.current_thread()
+    def _new_worker(self) -> _Worker:
+        worker = _Worker()
+        worker.thread = threading.Thread(
+            target=self._work,
+            args=(worker,),
+            name=f"trio_socketserver handler {next(_thread_names)}",
+            daemon=self.daemon,
+        )
+        self._workers.append(worker)
+        return worker
+
+    def _work(self, worker: _Worker) -> None:
         while True:
             try:
-                job = self._jobs.get(timeout=IDLE_THREAD_TIMEOUT)
+                job = worker.inbox.get(timeout=IDLE_THREAD_TIMEOUT)
             except queue.Empty:
                 with self._lock:
-                    # Leave only as an unclaimed idle thread; if submit() has just claimed
-                    # the last one (_idle is 0), its job is on the way: take it.
-                    if self._idle > 0:
-                        self._idle -= 1
-                        self._threads.remove(me)
+                    # Leave only while nobody has claimed this thread; if submit() just
+                    # did, its job is on the way: take it.
+                    if worker in self._idle:
+                        self._idle.remove(worker)
+                        self._workers.remove(worker)
                         return
                 continue
             if job is None:
                 return
-            with self._lock:
-                self._running[me] = job
             job.run()
             with self._lock:
-                del self._running[me]
-                self._idle += 1
+                worker.job = None
+                self._idle.append(worker)
+            job.deliver()
 
     def close(self) -> None:
         """Make every thread exit once idle; join all but those running abandoned jobs.
@@ -160,23 +177,23 @@ class HandlerThreads:
         those exit when the job ends, and :meth:`join` waits for them.
         """
         with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._jobs.put(None)
+            workers = list(self._workers)
+            abandoned = [w for w in workers if w.job is not None and w.job.abandoned]
+        for worker in workers:
+            worker.inbox.put(None)
+        for worker in workers:
+            if worker not in abandoned:
+                worker.thread.join()
         with self._lock:
-            abandoned = {t for t, job in self._running.items() if job.abandoned}
-        for thread in threads:
-            if thread not in abandoned:
-                thread.join()
-        with self._lock:
-            self._threads = [t for t in threads if t.is_alive()]
+            self._workers = [w for w in workers if w.thread.is_alive()]
 
     def join(self, timeout: float | None) -> None:
         """Join threads still running abandoned jobs, up to ``timeout`` seconds in all."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        self._threads = [t for t in self._threads if t.is_alive()]
+        for worker in self._workers:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            worker.thread.join(remaining)
+        self._workers = [w for w in self._workers if w.thread.is_alive()]
 
 
 class ThreadingMixIn:
