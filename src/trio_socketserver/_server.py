@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import functools
 import inspect
 import logging
 import math
@@ -78,6 +79,9 @@ PEER_ERRORS: tuple[type[BaseException], ...] = (
 async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     """Call a hook that may be sync or async, and return its result."""
     result = hook(*args)
+    # Most hooks are sync and return None or a bool: skip the (slow) Awaitable ABC check.
+    if result is None or result is True or result is False:
+        return result
     if inspect.isawaitable(result):
         return await result
     return result
@@ -106,7 +110,12 @@ def accepted_socket_under(stream: object) -> socket.socket | None:
 
 def is_async_handler(handler_class: object) -> bool:
     """Whether ``handler_class`` has an ``async def handle`` (runs as a task)."""
-    return inspect.iscoroutinefunction(getattr(handler_class, "handle", None))
+    return _is_coroutine_function(getattr(handler_class, "handle", None))
+
+
+# Asked several times per request; keyed by the function itself, so a class whose
+# handle() is replaced is asked afresh.
+_is_coroutine_function = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
 
 
 @attrs.frozen
