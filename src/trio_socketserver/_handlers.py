@@ -52,7 +52,9 @@ class BaseRequestHandler:
         """
         await call_hook(self.setup)
         try:
-            await call_hook(self.handle)
+            # Called directly (it is async, or the server would not call run()): a
+            # call_hook frame here would stay on the stack of every idle connection.
+            await self.handle()
         finally:
             await call_hook(self.finish)
 

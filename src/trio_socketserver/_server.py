@@ -462,7 +462,18 @@ class BaseServer:
         self._active += 1
         try:
             if self._handler_is_async():
-                await self._handle_async(request, client_address)
+                # Inline, not in a helper: every coroutine frame under this task is memory
+                # that each idle connection holds for as long as it lives.
+                if isinstance(request, socket.socket):
+                    _accepted_socket.set(request)
+                try:
+                    running = self.finish_request(self._async_request(request), client_address)
+                    if inspect.isawaitable(running):
+                        await running
+                except Exception:
+                    await self._report_error(request, client_address)
+                finally:
+                    await self._end_request(request)
             else:
                 await self._handle_sync(workers, request, client_address)
             self._finished += 1
@@ -473,16 +484,6 @@ class BaseServer:
             self._active -= 1
             if slot is not None:
                 workers.limiter.release_on_behalf_of(slot)
-
-    async def _handle_async(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, socket.socket):
-            _accepted_socket.set(request)
-        try:
-            await call_hook(self.finish_request, self._async_request(request), client_address)
-        except Exception:
-            await self._report_error(request, client_address)
-        finally:
-            await self._end_request(request)
 
     async def _end_request(self, request: Any) -> None:
         """shutdown_request(); an async override is awaited shielded, so a stop cannot cut

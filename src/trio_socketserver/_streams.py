@@ -250,23 +250,29 @@ class StreamReader:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        data = await self._receive()
+        data = await self._receive_some()
         if not data:
             self._eof = True
             return False
         self._buf += data
         return True
 
-    async def _receive(self) -> bytes | bytearray:
-        """One ``receive_some``, bounded by :attr:`timeout`."""
+    def _receive_some(self) -> Awaitable[bytes | bytearray]:
+        """One receive, bounded by :attr:`timeout`.
+
+        A plain function returning the awaitable, not a coroutine: every coroutine frame on
+        the stack of an idle connection is memory that connection holds.
+        """
         if self._fast is not None:
-            return await self._fast.recv(self._bufsize, self.timeout)
-        timeout = self.timeout
-        if timeout is None:
+            return self._fast.recv(self._bufsize, self.timeout)
+        if self.timeout is None:
+            return self._stream.receive_some(self._bufsize)
+        return self._receive_with_timeout(self.timeout)
+
+    async def _receive_with_timeout(self, wait_timeout: float) -> bytes | bytearray:
+        with trio.move_on_after(wait_timeout):
             return await self._stream.receive_some(self._bufsize)
-        with trio.move_on_after(timeout):
-            return await self._stream.receive_some(self._bufsize)
-        raise TimeoutError(f"no data from the peer for {timeout} s")
+        raise TimeoutError(f"no data from the peer for {wait_timeout} s")
 
 
 class StreamWriter:
@@ -421,12 +427,13 @@ class SocketFastPath:
             try:
                 data = self._sock.recv(max_bytes)
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable, wait_timeout, "no data from the peer")
+                pass  # wait below, not in here: see _wait
             except OSError as exc:
                 raise _stream_error(exc) from exc
             else:
                 await self._after_fast_call()
                 return data
+            await self._wait(trio.lowlevel.wait_readable, wait_timeout, "no data from the peer")
 
     async def send_all(
         self, data: bytes | bytearray | memoryview, wait_timeout: float | None
@@ -436,15 +443,20 @@ class SocketFastPath:
             while sent < len(view):
                 try:
                     sent += self._sock.send(view[sent:])
+                    continue
                 except BlockingIOError:
-                    await self._wait(
-                        trio.lowlevel.wait_writable, wait_timeout, "peer did not accept data"
-                    )
+                    pass  # wait below, not in here: see _wait
                 except OSError as exc:
                     raise _stream_error(exc) from exc
+                await self._wait(
+                    trio.lowlevel.wait_writable, wait_timeout, "peer did not accept data"
+                )
         await trio.lowlevel.checkpoint()
 
     async def _wait(self, wait: _Wait, wait_timeout: float | None, what: str) -> None:
+        # Called outside the ``except BlockingIOError`` block on purpose: waiting inside it
+        # would keep the exception and its traceback alive for as long as the peer is idle,
+        # about 0.5 KiB for every idle connection.
         self._fast_calls = 0
         if wait_timeout is None:
             await wait(self._sock)
