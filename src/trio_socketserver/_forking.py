@@ -102,7 +102,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import mmap
 import os
 import pickle
@@ -126,8 +125,8 @@ from ._families import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServe
 from ._server import (
     ACCEPT_BACKOFF,
     ACCEPT_CAPACITY_ERRNOS,
-    CAPACITY_LOG_INTERVAL,
     BaseServer,
+    RateLimitedWarning,
     _release,
     call_hook,
 )
@@ -227,7 +226,7 @@ class _Pool:
     """Requests waiting for a worker while none can be started (out of fds or memory)."""
     spawning: int = 0
     """Workers being started right now."""
-    last_capacity_log: float = -math.inf
+    capacity_warning: RateLimitedWarning = attrs.Factory(RateLimitedWarning)
 
     async def checkout(self) -> _Worker:
         """The most recently used idle worker, or a new one if none is idle.
@@ -258,14 +257,11 @@ class _Pool:
                 await self.freed.park()
 
     def _log_capacity(self, exc: OSError) -> None:
-        now = trio.current_time()
-        if now - self.last_capacity_log >= CAPACITY_LOG_INTERVAL:
-            self.last_capacity_log = now
-            LOGGER.warning(
-                "cannot start a worker process: %s; requests wait for a busy worker to finish "
-                "(raise the fd limit, e.g. ulimit -n, or lower max_children)",
-                exc,
-            )
+        self.capacity_warning.log(
+            "cannot start a worker process: %s; requests wait for a busy worker to finish "
+            "(raise the fd limit, e.g. ulimit -n, or lower max_children)",
+            exc,
+        )
 
     async def give(self, worker: _Worker, parcel: _Parcel) -> bool:
         """Send the request to the worker; False if it has died (its socket is closed)."""

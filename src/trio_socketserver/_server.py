@@ -118,6 +118,23 @@ def is_async_handler(handler_class: object) -> bool:
 _is_coroutine_function = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
 
 
+@attrs.define(eq=False)
+class RateLimitedWarning:
+    """A warning logged at most once per ``CAPACITY_LOG_INTERVAL`` seconds.
+
+    Measured on trio's clock, not time.monotonic(): the same clock as the backoff sleeps
+    between the retries it reports, so the rate holds under a MockClock too.
+    """
+
+    _last: float = -math.inf
+
+    def log(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self._last >= CAPACITY_LOG_INTERVAL:
+            self._last = now
+            LOGGER.warning(message, *args)
+
+
 @attrs.frozen
 class ServerStatistics:
     """Counters of one server, from :meth:`BaseServer.statistics`."""
@@ -203,7 +220,7 @@ class BaseServer:
         self._closed = False
         self._workers: _Workers | None = None
         self._leftover_threads: list[HandlerThreads] = []
-        self._last_capacity_log = -math.inf
+        self._capacity_warning = RateLimitedWarning()
         self._accepted = 0
         self._finished = 0
         self._cancelled = 0
@@ -422,18 +439,13 @@ class BaseServer:
                     raise
 
     def _log_capacity(self, exc: OSError) -> None:
-        # trio's clock, not time.monotonic(): the interval is measured on the same clock as
-        # the backoff sleeps, so it holds under a MockClock too.
-        now = trio.current_time()
-        if now - self._last_capacity_log >= CAPACITY_LOG_INTERVAL:
-            self._last_capacity_log = now
-            LOGGER.warning(
-                "cannot accept on %s: %s; retrying every %.1f s until resources free up "
-                "(raise the fd limit, e.g. ulimit -n, or lower max_connections)",
-                self.server_address,
-                exc,
-                ACCEPT_BACKOFF,
-            )
+        self._capacity_warning.log(
+            "cannot accept on %s: %s; retrying every %.1f s until resources free up "
+            "(raise the fd limit, e.g. ulimit -n, or lower max_connections)",
+            self.server_address,
+            exc,
+            ACCEPT_BACKOFF,
+        )
 
     async def _run_service_actions(self, poll_interval: float) -> None:
         while True:
