@@ -413,3 +413,45 @@ async def test_sync_setup_and_finish_overrides_on_an_async_handler() -> None:
         async with serving(ts.TCPServer(LOCALHOST, Mixed)) as server:
             assert await exchange(server, b"") == b"hi\n"
     assert log == ["setup", "handle", "finish"]
+
+
+@pytest.mark.parametrize("base", [ts.BaseRequestHandler, ts.StreamRequestHandler])
+async def test_async_overrides_can_await_super_setup_and_finish(base: type) -> None:
+    # The natural way to extend an async handler: `await super().setup()` must work for the
+    # defaults too, and StreamRequestHandler's setup must still have made rfile/wfile.
+    log: list[str] = []
+
+    class Extended(base):  # type: ignore[valid-type, misc]
+        async def setup(self) -> None:
+            await super().setup()
+            log.append("setup")
+
+        async def handle(self) -> None:
+            await self.request.send_all(b"hi\n")
+            if base is ts.StreamRequestHandler:
+                await self.wfile.write(b"also\n")
+
+        async def finish(self) -> None:
+            log.append("finish")
+            await super().finish()
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Extended)) as server:
+            reply = await exchange(server, b"")
+    assert reply == (b"hi\nalso\n" if base is ts.StreamRequestHandler else b"hi\n")
+    assert log == ["setup", "finish"]
+
+
+async def test_async_datagram_handler_can_await_super_setup() -> None:
+    class Upper(ts.DatagramRequestHandler):
+        async def setup(self) -> None:
+            await super().setup()
+
+        async def handle(self) -> None:
+            self.wfile.write(self.rfile.read().upper())
+
+    with trio.fail_after(5):
+        async with serving(ts.UDPServer(LOCALHOST, Upper)) as server:
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                await client.sendto(b"ping", server.server_address)
+                assert await client.recv(100) == b"PING"

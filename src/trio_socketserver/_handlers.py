@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -59,13 +60,37 @@ class BaseRequestHandler:
             await call_hook(self.finish)
 
     def setup(self) -> Any:
-        """Called before :meth:`handle`; the default does nothing."""
+        """Called before :meth:`handle`; the default does nothing.
+
+        In an async handler the defaults of ``setup()`` and ``finish()`` (here and
+        in the subclasses) return awaitables, so an override may ``await
+        super().setup()`` as it would any async method.
+        """
+        return _nothing_to_await(self)
 
     def handle(self) -> Any:
         """Serve the request; the default does nothing."""
 
     def finish(self) -> Any:
         """Called after :meth:`handle`, even if it raised; the default does nothing."""
+        return _nothing_to_await(self)
+
+
+class _Done:
+    """An awaitable that is already done: what a sync default returns to an async handler.
+
+    Unlike a coroutine, it may be awaited any number of times, or never, without a warning.
+    """
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE = _Done()
+
+
+def _nothing_to_await(handler: BaseRequestHandler) -> _Done | None:
+    return _DONE if is_async_handler(type(handler)) else None
 
 
 class StreamRequestHandler(BaseRequestHandler):
@@ -100,7 +125,7 @@ class StreamRequestHandler(BaseRequestHandler):
             sock = accepted_socket_under(self.request)
             self.rfile = StreamReader(self.request, self.rbufsize, self.timeout, sock=sock)
             self.wfile = StreamWriter(self.request, self.wbufsize, self.timeout, sock=sock)
-            return None
+            return _DONE
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
         # Only TCP has Nagle: on a Unix socket the option would fail every request (as the
@@ -167,7 +192,7 @@ class DatagramRequestHandler(BaseRequestHandler):
         self.packet, self.socket = self.request
         self.rfile = io.BytesIO(self.packet)
         self.wfile = io.BytesIO()
-        return None
+        return _nothing_to_await(self)
 
     def finish(self) -> Any:
         if is_async_handler(type(self)):
