@@ -80,10 +80,6 @@ class Job:
             raise self._error
         return self._result
 
-    def join(self, timeout: float | None) -> bool:
-        """Block the calling thread until the job finished; False on timeout."""
-        return self._finished.wait(timeout)
-
 
 @attrs.define(eq=False)
 class _Worker:
