@@ -11,10 +11,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 from trio_socketserver import BaseServer
 
@@ -131,6 +132,37 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     except trio.BrokenResourceError:
         pass  # connection reset: what arrived before it is the answer
     return bytes(data)
+
+
+class HandlerHold(Protocol):
+    """Holds handlers inside handle() until ``release`` is set, counting them in ``entered``."""
+
+    entered: int
+
+    @property
+    def release(self) -> trio.Event | threading.Event: ...
+
+    async def wait_entered(self, n: int) -> None: ...
+
+
+async def assert_third_client_waits_in_backlog(server: BaseServer, hold: HandlerHold) -> None:
+    """With room for two requests, both held: a third client is connected (kernel backlog)
+    but not accepted until the hold is released; then all three are served, in order.
+
+    The handlers read a name line and answer ``b"served " + name``.
+    """
+    streams = [await connect(server) for _ in range(3)]
+    for i, stream in enumerate(streams):
+        await stream.send_all(b"%d\n" % i)
+    await hold.wait_entered(2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.statistics().accepted_requests == 2
+    assert hold.entered == 2
+    hold.release.set()
+    for i, stream in enumerate(streams):
+        assert await receive_line(stream) == b"served %d\n" % i
+        await stream.aclose()
+    assert server.statistics().accepted_requests == 3
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:

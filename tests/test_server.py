@@ -18,7 +18,13 @@ import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
+from conftest import (
+    assert_third_client_waits_in_backlog,
+    connect,
+    receive_all,
+    receive_line,
+    serving,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -776,21 +782,8 @@ async def test_max_connections_leaves_extra_clients_in_the_backlog() -> None:
             server.max_connections = 2
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
-                clients = [await connect(server) for _ in range(3)]
-                for i, client in enumerate(clients):
-                    await client.send_all(b"%d\n" % i)
-                await gate.wait_entered(2)
-                await trio.testing.wait_all_tasks_blocked()
-                # The third is connected (kernel backlog) but not accepted.
-                assert server.statistics().accepted_requests == 2
-                assert gate.entered == 2
-                gate.release.set()
-                replies = [await receive_line(client) for client in clients]
-                assert replies == [b"served 0\n", b"served 1\n", b"served 2\n"]
-                assert server.statistics().accepted_requests == 3
+                await assert_third_client_waits_in_backlog(server, gate)
                 server.shutdown()
-            for client in clients:
-                await client.aclose()
 
 
 async def test_max_connections_frees_a_slot_when_a_client_leaves() -> None:

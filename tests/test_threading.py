@@ -16,7 +16,15 @@ import trio.lowlevel
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import ThreadSignal, connect, in_thread, receive_all, receive_line, serving
+from conftest import (
+    ThreadSignal,
+    assert_third_client_waits_in_backlog,
+    connect,
+    in_thread,
+    receive_all,
+    receive_line,
+    serving,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -297,19 +305,7 @@ async def test_max_threads_bounds_concurrent_sync_requests() -> None:
 
     with trio.fail_after(5):
         async with serving(Server(LOCALHOST, held_handler(held))) as server:
-            streams = [await connect(server) for _ in range(3)]
-            for i, stream in enumerate(streams):
-                await stream.send_all(b"%d\n" % i)
-            await held.wait_entered(2)
-            await trio.testing.wait_all_tasks_blocked()
-            # The third client is connected but not accepted while two threads are busy.
-            assert server.statistics().accepted_requests == 2
-            assert held.entered == 2
-            held.release.set()
-            for i, stream in enumerate(streams):
-                assert await receive_line(stream) == b"served %d\n" % i
-                await stream.aclose()
-            assert server.statistics().accepted_requests == 3
+            await assert_third_client_waits_in_backlog(server, held)
 
 
 @pytest.mark.parametrize("daemon", [False, True])
