@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trustme
 
-from trio_socketserver import _server, compat
+from trio_socketserver import _threading, compat
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -472,7 +472,7 @@ def test_daemon_threads_are_left_running_instead_of_waited_for() -> None:
     with client(server):
         assert entered.wait(WAIT)
         # Neither shutdown() nor server_close() waits for a daemon thread past the grace.
-        assert elapsed_call(server.server_close) < _server.THREAD_RELEASE_TIMEOUT
+        assert elapsed_call(server.server_close) < _threading.THREAD_RELEASE_TIMEOUT
         thread.join(WAIT)
         assert not thread.is_alive()
         assert handler_threads[0].daemon and handler_threads[0].is_alive()

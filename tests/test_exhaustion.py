@@ -23,7 +23,7 @@ import pytest
 
 import trio_socketserver as ts
 from serving_process import ServerProcess
-from trio_socketserver._server import ACCEPT_BACKOFF
+from trio_socketserver._engine import ACCEPT_BACKOFF
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 

@@ -238,7 +238,7 @@ async def test_handler_timeout_bounds_a_stuck_client(
             start = trio.current_time()
             assert await receive_all(client) == b""  # the server hung up on it
             assert trio.current_time() - start == pytest.approx(2.0)
-    assert server.statistics().finished_requests == 1
+    assert server.statistics().failed_requests == 1
     assert "TimeoutError" in caplog.text
 
 

@@ -42,7 +42,7 @@ import trustme
 import trio_socketserver as ts
 from serving_process import ServerProcess
 from trio_socketserver import _threading
-from trio_socketserver._server import THREAD_RELEASE_TIMEOUT
+from trio_socketserver._threading import THREAD_RELEASE_TIMEOUT
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 

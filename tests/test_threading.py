@@ -23,6 +23,7 @@ from conftest import (
     in_thread,
     receive_all,
     receive_line,
+    runs_handler_code,
     serving,
 )
 
@@ -63,6 +64,7 @@ class Held:
         self.release = threading.Event()
         self.lock = threading.Lock()
         self.entered = 0
+        self.returned = 0
         self.threads: list[threading.Thread] = []
         self._changed = ThreadSignal()
 
@@ -73,6 +75,8 @@ class Held:
             self.threads.append(threading.current_thread())
         self._changed.set()
         assert self.release.wait(THREAD_WAIT), "the test never released the handler"
+        with self.lock:
+            self.returned += 1
 
     async def wait_entered(self, n: int) -> None:
         while self.entered < n:
@@ -308,21 +312,29 @@ async def test_max_threads_bounds_concurrent_sync_requests() -> None:
             await assert_third_client_waits_in_backlog(server, held)
 
 
-@pytest.mark.parametrize("daemon", [False, True])
-async def test_daemon_threads_sets_the_handler_threads_daemon_flag(daemon: bool) -> None:
-    seen: list[bool] = []
+@pytest.mark.parametrize("threading_server", [False, True])
+async def test_sync_handlers_reach_the_trio_side_with_from_thread(threading_server: bool) -> None:
+    """Sync handlers run on trio's worker threads: trio.from_thread works in them."""
+    lock = trio.Lock()  # an async resource of the application
+    log: list[bytes] = []
 
-    class Server(ts.ThreadingTCPServer):
-        daemon_threads = daemon
+    async def record(line: bytes) -> None:
+        async with lock:
+            log.append(line)
 
-    class Report(ts.BaseRequestHandler):
+    class Post(ts.StreamRequestHandler):
         def handle(self) -> None:
-            seen.append(threading.current_thread().daemon)
+            line = self.rfile.readline()
+            trio.from_thread.check_cancelled()  # not cancelled: returns
+            trio.from_thread.run(record, line)
+            self.wfile.write(b"%d\n" % trio.from_thread.run_sync(len, log))
 
+    server_class = ts.ThreadingTCPServer if threading_server else ts.TCPServer
     with trio.fail_after(5):
-        async with serving(Server(LOCALHOST, Report)) as server, await connect(server) as client:
-            assert await receive_all(client) == b""
-    assert seen == [daemon]
+        async with serving(server_class(LOCALHOST, Post)) as server, await connect(server) as c:
+            await c.send_all(b"hello\n")
+            assert await receive_line(c) == b"1\n"
+    assert log == [b"hello\n"]
 
 
 async def test_daemon_threads_are_not_waited_for(stepped_clock: trio.testing.MockClock) -> None:
@@ -385,16 +397,16 @@ async def test_block_on_close_joins_threads_a_shutdown_abandoned(
             stepped_clock.jump(1.0)  # and after the release timeout it is abandoned
         assert "abandoning" in caplog.text
         [thread] = held.threads
-        assert thread.is_alive()
+        assert runs_handler_code(thread)
         if block_on_close:
             releaser = threading.Thread(target=release_once_closing)
             releaser.start()
             server.server_close()
-            assert not thread.is_alive()  # server_close() joined it
+            assert held.returned == 1  # server_close() waited for the handler
             releaser.join(THREAD_WAIT)
         else:
             server.server_close()
-            assert thread.is_alive()
+            assert runs_handler_code(thread)
             held.release.set()
         await client.aclose()
 

@@ -13,8 +13,12 @@ from typing import Any
 
 import trio
 
-from ._server import BaseServer
+from ._engine import reject_async_hooks
+from ._server import BaseServer, engine_of
 from ._threading import ThreadingMixIn
+
+# Hooks the constructor calls: they must be plain functions (a constructor cannot await).
+CONSTRUCTOR_HOOKS = ("server_bind", "server_activate")
 
 
 class TCPServer(BaseServer):
@@ -25,7 +29,9 @@ class TCPServer(BaseServer):
     real address (the chosen port for port 0) and ``fileno()`` is valid as soon
     as it returns. ``ssl_context`` (server side) makes every connection TLS:
     async handlers get a ``trio.SSLStream``, sync ones an ``ssl.SSLSocket``; a
-    failed handshake costs that connection only.
+    failed handshake costs that connection only. ``https_compatible`` is passed
+    to ``trio.SSLStream`` (default False, as trio's: set it for HTTPS, whose
+    clients may close without TLS's close_notify).
 
     Errors: ``OSError`` with ``errno.EADDRINUSE`` naming the address when it is
     taken; the socket is closed on any failure in the constructor.
@@ -40,6 +46,7 @@ class TCPServer(BaseServer):
     request_queue_size: int = 1024
     allow_reuse_address: bool = False
     allow_reuse_port: bool = False
+    https_compatible: bool = False
 
     def __init__(
         self,
@@ -51,7 +58,7 @@ class TCPServer(BaseServer):
     ) -> None:
         super().__init__(server_address, RequestHandlerClass)
         self.ssl_context = ssl_context
-        self._trio_socket: trio.socket.SocketType | None = None
+        reject_async_hooks(self, CONSTRUCTOR_HOOKS, "in the constructor")
         self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
             try:
@@ -103,43 +110,15 @@ class TCPServer(BaseServer):
     def fileno(self) -> int:
         return self.socket.fileno()
 
-    def _server_trio_socket(self) -> trio.socket.SocketType:
-        if self._trio_socket is None:
-            self._trio_socket = trio.socket.from_stdlib_socket(self.socket)
-        return self._trio_socket
-
-    def _async_request(self, request: Any) -> Any:
-        stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(request))
-        if self.ssl_context is not None:
-            stream = trio.SSLStream(
-                stream, self.ssl_context, server_side=True, https_compatible=True
-            )
-        return stream
-
-    def _blocking_request(self, request: Any) -> Any:
-        if self.ssl_context is None:
-            return request
-        # wrap_socket() moves the fd into a new object, out of reach of the engine's release
-        # of a stuck thread (a shutdown() of `request`): handshake on a duplicate, so that
-        # `request` can still release it, then close `request`. The handshake runs before
-        # setup() applies the handler's timeout, so it gets that timeout here: a client that
-        # stalls mid-handshake must not hold the thread.
-        raw = request.dup()
-        try:
-            raw.settimeout(getattr(self.RequestHandlerClass, "timeout", None))
-            tls = self.ssl_context.wrap_socket(raw, server_side=True)
-        except BaseException:
-            raw.close()
-            raise
-        request.close()
-        return tls
-
-    def _close_socket(self) -> None:
+    def server_close(self) -> None:
+        """Stop serving if it is, close the socket, then what BaseServer.server_close does."""
+        engine_of(self).stop_serving()
         try:
             trio.lowlevel.notify_closing(self.socket)
         except RuntimeError:
             pass  # not inside trio: nothing can be waiting on it
         self.socket.close()
+        super().server_close()
 
 
 class UDPServer(TCPServer):
@@ -175,13 +154,6 @@ class UDPServer(TCPServer):
     def close_request(self, request: Any) -> None:
         """Nothing to close: the socket is the server's."""
 
-    def _async_request(self, request: Any) -> Any:
-        data, _ = request
-        return (data, self._server_trio_socket())
-
-    def _blocking_request(self, request: Any) -> Any:
-        return request
-
 
 class _UnixPath:
     """Filesystem rules shared by the Unix servers.
@@ -197,18 +169,18 @@ class _UnixPath:
     server_address: Any
     socket: socket.socket
     socket_mode: int | None = None
-    _created: tuple[str, int, int] | None = None
+    __created: tuple[str, int, int] | None = None
 
     def server_bind(self) -> None:
-        self._check_path()
+        self.__check_path()
         super().server_bind()  # type: ignore[misc]  # the server class after this mixin
-        self._record_path()
+        self.__record_path()
 
-    def _close_socket(self) -> None:
-        super()._close_socket()  # type: ignore[misc]
-        self._remove_path()
+    def server_close(self) -> None:
+        super().server_close()  # type: ignore[misc]
+        self.__remove_path()
 
-    def _check_path(self) -> None:
+    def __check_path(self) -> None:
         path = self.server_address
         if not isinstance(path, str | bytes | os.PathLike) or _is_abstract(path):
             return
@@ -223,20 +195,20 @@ class _UnixPath:
                 "remove it or choose another path",
             )
 
-    def _record_path(self) -> None:
+    def __record_path(self) -> None:
         path = self.server_address
         if not isinstance(path, str | bytes) or _is_abstract(path) or not path:
             return
         if self.socket_mode is not None:
             os.chmod(path, self.socket_mode)
         st = os.lstat(path)
-        self._created = (os.fsdecode(path), st.st_dev, st.st_ino)
+        self.__created = (os.fsdecode(path), st.st_dev, st.st_ino)
 
-    def _remove_path(self) -> None:
-        if self._created is None:
+    def __remove_path(self) -> None:
+        if self.__created is None:
             return
-        path, dev, ino = self._created
-        self._created = None
+        path, dev, ino = self.__created
+        self.__created = None
         try:
             st = os.lstat(path)
         except FileNotFoundError:

@@ -121,20 +121,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import trio
 
-from ._families import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
-from ._server import (
+from ._engine import (
     ACCEPT_BACKOFF,
     ACCEPT_CAPACITY_ERRNOS,
-    BaseServer,
+    CapacitySlot,
     RateLimitedWarning,
-    _release,
     call_hook,
+    is_async_handler,
+    release_connection,
 )
-from ._threading import HandlerThreads
+from ._families import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+from ._server import BaseServer, engine_of
 
 if TYPE_CHECKING:
-    from ._server import _Workers
-
     _MixinBase = BaseServer
 else:
     _MixinBase = object
@@ -464,7 +463,6 @@ def _idle_thread_code() -> frozenset[CodeType]:
     is in threading's bootstrap, whose locks the child re-creates.
     """
     functions: list[Any] = [
-        HandlerThreads._work,
         getattr(threading.Thread, "_bootstrap", None),
         getattr(threading.Thread, "_bootstrap_inner", None),
         getattr(threading.Thread, "_delete", None),
@@ -871,7 +869,7 @@ def _serve_requests(server: BaseServer, sock: socket.socket, taken: mmap.mmap) -
             if fds:
                 server_socket = server.socket = socket.socket(fileno=fds[0])
             request = (data, server_socket)
-        server._handle_blocking([request], client_address)
+        engine_of(server).blocking_sequence([request], client_address)
         _flush_stdio()
         try:
             sock.send(_DONE)
@@ -926,7 +924,11 @@ class ForkingMixIn(_MixinBase):
         # Fork the fork server now, while the process is most likely clean. A
         # subclass constructor may already have served (and started it), or
         # closed the server.
-        if self._forking_pool is None and not self._closed and not self._handler_is_async():
+        if (
+            self._forking_pool is None
+            and not engine_of(self).is_closed()
+            and not is_async_handler(self.RequestHandlerClass)
+        ):
             try:
                 self._forking_pool = _start_pool(self)
             except _ThreadsRunning:
@@ -943,13 +945,12 @@ class ForkingMixIn(_MixinBase):
             return set()
         return {worker.pid for worker in pool.workers}
 
-    def _sync_capacity(self) -> int:
-        limit = self.max_children
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"max_children must be a positive int, not {limit!r}")
-        # Serving starts: the last moment to start the pool with one clear error.
-        self._pool()
-        return limit
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the request: a sync handler's in a worker process; returns at once."""
+        if is_async_handler(self.RequestHandlerClass):
+            super().process_request(request, client_address)
+        else:
+            engine_of(self).start_request(request, client_address, self._handle_sync)
 
     def _pool(self) -> _Pool:
         pool = self._forking_pool
@@ -957,24 +958,25 @@ class ForkingMixIn(_MixinBase):
             pool = self._forking_pool = _start_pool(self)
         return pool
 
-    async def _handle_sync(self, workers: _Workers, request: Any, client_address: Any) -> None:
+    async def _handle_sync(self, slot: CapacitySlot, request: Any, client_address: Any) -> bool:
         """Run the request in a worker process; see the class docstring."""
         try:
             pool = self._pool()
             parcel = _Parcel.wrap(request, client_address)
         except (RuntimeError, OSError, TypeError, pickle.PicklingError) as exc:
             LOGGER.error("cannot hand the request from %r to a worker: %s", client_address, exc)
-            await self._end_request(request)
-            return
+            await engine_of(self).end_request(request, client_address)
+            return True
         if pool.closing:
             LOGGER.error(
                 "the request from %r came after server_close(); closing it", client_address
             )
-            await self._end_request(request)
-            return
+            await engine_of(self).end_request(request, client_address)
+            return True
         pool.busy += 1
         try:
             await self._run_in_worker(pool, parcel, request, client_address)
+            return False
         finally:
             pool.busy -= 1
             if pool.closing and not pool.busy:
@@ -1010,7 +1012,7 @@ class ForkingMixIn(_MixinBase):
             raise
         except _PoolError as exc:
             LOGGER.error("cannot hand the request from %r to a worker: %s", client_address, exc)
-            await self._end_request(request)
+            await engine_of(self).end_request(request, client_address)
             return
         pool.checkin(worker)
         await call_hook(self.close_request, request)  # our copy; the worker ended it
@@ -1025,16 +1027,16 @@ class ForkingMixIn(_MixinBase):
             _describe_exit(status),
             client_address,
         )
-        await self._end_request(request)
+        await engine_of(self).end_request(request, client_address)
 
     async def _cut(
         self, pool: _Pool, worker: _Worker | None, request: Any, client_address: Any
     ) -> None:
         """End a cancelled request (grace expired or hard stop); runs shielded, bounded."""
         if worker is None:
-            await self._end_request(request)
+            await engine_of(self).end_request(request, client_address)
             return
-        _release(request)  # blocked socket I/O in the worker fails at once
+        release_connection(request)  # blocked socket I/O in the worker fails at once
         finished = None
         with trio.move_on_after(WORKER_RELEASE_TIMEOUT):
             finished = await pool.wait_for(worker, self.shutdown)
@@ -1051,7 +1053,7 @@ class ForkingMixIn(_MixinBase):
                 WORKER_RELEASE_TIMEOUT,
                 "was stopped" if status is None else _describe_exit(status),
             )
-            await self._end_request(request)
+            await engine_of(self).end_request(request, client_address)
         else:
             await self._lost(pool, worker, request, client_address)
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import trio
 
-from ._server import accepted_socket_under, call_hook, is_async_handler
+from ._engine import call_hook, io_stream_for, is_async_handler
+from ._socket_stream import SocketFastStream
 from ._streams import StreamReader, StreamWriter
 
 # How long finishing a connection may spend sending TLS's close_notify: a
@@ -121,10 +122,10 @@ class StreamRequestHandler(BaseRequestHandler):
     def setup(self) -> Any:
         self.connection = self.request
         if is_async_handler(type(self)):
-            self._set_nodelay(_socket_of(self.request))
-            sock = accepted_socket_under(self.request)
-            self.rfile = StreamReader(self.request, self.rbufsize, self.timeout, sock=sock)
-            self.wfile = StreamWriter(self.request, self.wbufsize, self.timeout, sock=sock)
+            self.__set_nodelay(_socket_of(self.request))
+            io = io_stream_for(self.request)
+            self.rfile = StreamReader(io, self.rbufsize, self.timeout)
+            self.wfile = StreamWriter(io, self.wbufsize, self.timeout)
             return _DONE
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
@@ -139,15 +140,15 @@ class StreamRequestHandler(BaseRequestHandler):
             self.wfile = self.connection.makefile("wb", self.wbufsize)
         return None
 
-    def _set_nodelay(self, sock: trio.socket.SocketType | None) -> None:
+    def __set_nodelay(self, sock: trio.socket.SocketType | socket.socket | None) -> None:
         # trio.SocketStream turns Nagle off for every TCP stream; put it back
         # unless the handler asked for it off, as its attribute says.
-        if sock is not None and not self.disable_nagle_algorithm and sock.family in _TCP_FAMILIES:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, False)
+        if sock is not None and sock.family in _TCP_FAMILIES:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, self.disable_nagle_algorithm)
 
     def finish(self) -> Any:
         if is_async_handler(type(self)):
-            return self._finish_async()
+            return self.__finish_async()
         if not self.wfile.closed:
             try:
                 self.wfile.flush()
@@ -157,7 +158,7 @@ class StreamRequestHandler(BaseRequestHandler):
         self.rfile.close()
         return None
 
-    async def _finish_async(self) -> None:
+    async def __finish_async(self) -> None:
         try:
             await self.wfile.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
@@ -169,10 +170,10 @@ class StreamRequestHandler(BaseRequestHandler):
                 await trio.aclose_forcefully(self.request)
 
 
-def _socket_of(stream: Any) -> trio.socket.SocketType | None:
+def _socket_of(stream: Any) -> trio.socket.SocketType | socket.socket | None:
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, trio.SocketStream | SocketFastStream):
         return stream.socket
     return None
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 # Buffered reading and writing over a trio stream: the ``rfile`` / ``wfile`` objects that a
 # stream request handler exposes. Pure byte-shuffling logic on top of trio.abc.ReceiveStream and
 # trio.abc.SendStream; nothing here knows about sockets, addresses or servers.
-import errno
-import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 
 import trio
 
@@ -14,12 +12,6 @@ import trio
 # many lines. The buffer only holds memory while data is actually unread, so a large value
 # costs little for handlers that keep up with their peer.
 DEFAULT_BUFFER_SIZE = 65536
-
-
-# With a socket fast path (see StreamReader's ``sock``), a receive that the kernel answers
-# at once does not go through trio's scheduler. Every this many such calls in a row, the
-# task yields anyway, so a handler reading a fast peer cannot starve the others.
-FAST_CALLS_BEFORE_YIELD = 16
 
 
 class IncompleteReadError(EOFError):
@@ -55,9 +47,6 @@ class StreamReader:
       bufsize: The most bytes to ask for in one ``receive_some`` call. Zero or negative means
         :data:`DEFAULT_BUFFER_SIZE`, like the standard library's ``rbufsize = -1``.
       timeout: See :attr:`timeout`.
-      sock: The non-blocking stdlib socket under ``stream``, if it is a plain socket stream.
-        Reads then call ``recv()`` on it directly and go through trio's scheduler only when
-        they have to wait (see :class:`SocketFastPath`); the results are the same.
 
     Attributes:
       timeout (float | None): If not None, the longest time, in seconds, that any single wait
@@ -86,13 +75,10 @@ class StreamReader:
         stream: trio.abc.ReceiveStream,
         bufsize: int = DEFAULT_BUFFER_SIZE,
         timeout: float | None = None,
-        *,
-        sock: socket.socket | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = bufsize if bufsize > 0 else DEFAULT_BUFFER_SIZE
         self.timeout = timeout
-        self._fast = None if sock is None else SocketFastPath(sock)
         # Unread data is self._buf[self._pos:]. Consumed bytes are only cut off the front just
         # before the buffer grows (or all at once when everything has been read), so consuming
         # many small lines from one big receive copies nothing but the lines themselves.
@@ -263,8 +249,6 @@ class StreamReader:
         A plain function returning the awaitable, not a coroutine: every coroutine frame on
         the stack of an idle connection is memory that connection holds.
         """
-        if self._fast is not None:
-            return self._fast.recv(self._bufsize, self.timeout)
         if self.timeout is None:
             return self._stream.receive_some(self._bufsize)
         return self._receive_with_timeout(self.timeout)
@@ -312,13 +296,10 @@ class StreamWriter:
         stream: trio.abc.SendStream,
         bufsize: int = 0,
         timeout: float | None = None,
-        *,
-        sock: socket.socket | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = DEFAULT_BUFFER_SIZE if bufsize < 0 else bufsize
         self.timeout = timeout
-        self._fast = None if sock is None else SocketFastPath(sock)
         self._buf = bytearray()
 
     @property
@@ -385,9 +366,6 @@ class StreamWriter:
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
         """One ``send_all``, bounded by :attr:`timeout`."""
-        if self._fast is not None:
-            await self._fast.send_all(data, self.timeout)
-            return
         timeout = self.timeout
         if timeout is None:
             await self._stream.send_all(data)
@@ -396,90 +374,3 @@ class StreamWriter:
             await self._stream.send_all(data)
             return
         raise TimeoutError(f"peer did not accept data for {timeout} s")
-
-
-class SocketFastPath:
-    """Non-blocking socket calls with less of trio's per-call machinery.
-
-    A receive is tried first and waits (``wait_readable``) only when the kernel has nothing;
-    when data is already there it returns without a trip through the scheduler, except
-    every :data:`FAST_CALLS_BEFORE_YIELD` calls in a row, for fairness. A send is tried at
-    once too, and then always yields: by the time the task runs again its peer has usually
-    answered, so the next receive finds data instead of registering a wait with epoll (what
-    makes request/response traffic cheap).
-
-    Cancellation:
-      Every call checks for cancellation; a send, and a call that has to wait, are full
-      checkpoints.
-
-    Errors:
-      As :class:`trio.SocketStream`: :exc:`trio.ClosedResourceError` if the socket was
-      closed, :exc:`trio.BrokenResourceError` (chained to the ``OSError``) for anything else
-      the kernel reports; :exc:`TimeoutError` when one wait exceeds ``wait_timeout``.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._fast_calls = 0
-
-    async def recv(self, max_bytes: int, wait_timeout: float | None) -> bytes:
-        while True:
-            try:
-                data = self._sock.recv(max_bytes)
-            except BlockingIOError:
-                pass  # wait below, not in here: see _wait
-            except OSError as exc:
-                raise _stream_error(exc) from exc
-            else:
-                await self._after_fast_call()
-                return data
-            await self._wait(trio.lowlevel.wait_readable, wait_timeout, "no data from the peer")
-
-    async def send_all(
-        self, data: bytes | bytearray | memoryview, wait_timeout: float | None
-    ) -> None:
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += self._sock.send(view[sent:])
-                    continue
-                except BlockingIOError:
-                    pass  # wait below, not in here: see _wait
-                except OSError as exc:
-                    raise _stream_error(exc) from exc
-                await self._wait(
-                    trio.lowlevel.wait_writable, wait_timeout, "peer did not accept data"
-                )
-        await trio.lowlevel.checkpoint()
-
-    async def _wait(self, wait: _Wait, wait_timeout: float | None, what: str) -> None:
-        # Called outside the ``except BlockingIOError`` block on purpose: waiting inside it
-        # would keep the exception and its traceback alive for as long as the peer is idle,
-        # about 0.5 KiB for every idle connection.
-        self._fast_calls = 0
-        if wait_timeout is None:
-            await wait(self._sock)
-            return
-        with trio.move_on_after(wait_timeout):
-            await wait(self._sock)
-            return
-        raise TimeoutError(f"{what} for {wait_timeout} s")
-
-    async def _after_fast_call(self) -> None:
-        self._fast_calls += 1
-        if self._fast_calls >= FAST_CALLS_BEFORE_YIELD:
-            self._fast_calls = 0
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-
-
-_Wait = Callable[[socket.socket], Awaitable[None]]
-
-
-def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
-    """The stream error trio.SocketStream raises for this OSError."""
-    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-        return trio.ClosedResourceError("the connection was already closed")
-    return trio.BrokenResourceError(f"connection broken: {exc}")

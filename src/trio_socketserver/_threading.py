@@ -1,216 +1,148 @@
-# Threads for sync request handlers: ThreadingMixIn, and the per-run pool of
-# reusable handler threads that every server uses to run a blocking handle().
-# Nothing here knows about sockets; the server decides what to release when a
-# thread must be abandoned.
+# Sync request handlers on threads: ThreadingMixIn, and how the engine runs one blocking
+# request on one of trio's worker threads (trio.to_thread), so trio.from_thread works in
+# handlers, and what a stop does to a thread that cannot be cancelled. Nothing here knows
+# about sockets; the engine says how to release a stuck thread's connection.
 from __future__ import annotations
 
-import itertools
-import queue
+import logging
 import threading
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
-_thread_names = itertools.count(1)
-# An idle handler thread exits after this many seconds without work: a burst of clients
-# (hostile ones included) must not leave its peak of threads and stacks behind for the rest
-# of the run, while steady traffic keeps reusing the same threads (trio's cache also uses 10 s).
-IDLE_THREAD_TIMEOUT = 10.0
+T = TypeVar("T")
+LOGGER = logging.getLogger("trio_socketserver")
 
-# Which server (if any) the current thread is running a handler for. shutdown()
-# reads it: waiting for serve_forever() from inside one of its own handler
-# threads would wait for itself.
+# Threads cannot be cancelled. When a stop cuts a request whose thread is still running, the
+# engine shuts its connection down so blocked socket I/O returns; a thread that has still not
+# returned this many seconds later is abandoned (logged), so a stop stays bounded.
+THREAD_RELEASE_TIMEOUT = 1.0
+
+
+@attrs.define
+class RequestOutcome:
+    failed: bool = False
+
+
+# The outcome of the request the current handler thread runs: process_request_thread()
+# marks it failed, so statistics count the request as failed, not finished.
 _current = threading.local()
 
 
-def running_handler_for(server: object) -> bool:
-    """Whether the calling thread is a handler thread of ``server``."""
-    return getattr(_current, "server", None) is server
+@contextmanager
+def record_failure() -> Iterator[RequestOutcome]:
+    outcome = RequestOutcome()
+    _current.outcome = outcome
+    try:
+        yield outcome
+    finally:
+        del _current.outcome
 
 
-@attrs.define(eq=False)
-class Job:
-    """One call of a sync function on a pool thread, awaited from trio."""
-
-    _fn: Callable[..., object]
-    _args: tuple[Any, ...]
-    _token: trio.lowlevel.TrioToken
-    _server: object
-    _done: trio.Event = attrs.Factory(trio.Event)
-    _finished: threading.Event = attrs.Factory(threading.Event)
-    _result: object = None
-    _error: BaseException | None = None
-    abandoned: bool = False
-    """Set by the server when it stops waiting for this job (see HandlerThreads.close)."""
-
-    @property
-    def finished(self) -> bool:
-        """True once the function has returned or raised, even if nobody waits any more."""
-        return self._finished.is_set()
-
-    def run(self) -> None:
-        """Call the function on this thread; then :meth:`deliver` wakes the waiting task."""
-        _current.server = self._server
-        try:
-            self._result = self._fn(*self._args)
-        except BaseException as exc:  # handed over to the awaiting task
-            self._error = exc
-        finally:
-            _current.server = None
-            self._finished.set()
-
-    def deliver(self) -> None:
-        """Wake the task waiting in :meth:`wait` (thread-safe)."""
-        try:
-            self._token.run_sync_soon(self._done.set)
-        except trio.RunFinishedError:
-            pass  # the run that wanted the result is gone; nothing to wake
-
-    async def wait(self) -> object:
-        """Wait for the result, re-raising what the function raised.
-
-        Cancellation: cancellable; the thread is **not** interrupted and keeps
-        running. Call :meth:`wait` again (shielded) to keep waiting for it.
-        """
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
+def mark_failed() -> None:
+    """Count the current handler thread's request as failed (no-op elsewhere)."""
+    outcome = getattr(_current, "outcome", None)
+    if outcome is not None:
+        outcome.failed = True
 
 
-@attrs.define(eq=False)
-class _Worker:
-    """One pool thread and the queue it takes its jobs from."""
+async def run_in_thread(
+    body: Callable[[], T],
+    *,
+    limiter: Any,
+    release: Callable[[], None],
+    wait_for_release: bool,
+    who: object,
+    abandoned: list[threading.Event],
+) -> T:
+    """Run ``body()`` on one of trio's worker threads and return what it returns.
 
-    thread: threading.Thread = attrs.field(init=False)
-    inbox: queue.SimpleQueue[Job | None] = attrs.Factory(queue.SimpleQueue)
-    job: Job | None = None  # the job it runs (guarded by the pool's lock)
-
-
-@attrs.define(eq=False)
-class HandlerThreads:
-    """Reusable threads for one serve_forever() or handle_request() call.
-
-    A thread is started only when no idle one is waiting, so the pool grows to
-    the peak number of concurrent sync requests (bounded by the server's
-    capacity) and no further. Work goes to the most recently idle thread, and
-    a thread marks itself idle *before* it wakes the task that waited for its
-    job, so steady traffic keeps reusing a few threads while the rest of a
-    burst's peak sits idle for ``IDLE_THREAD_TIMEOUT`` seconds and exits.
-    :meth:`close` makes every idle thread exit and joins it, so after a run the
-    process has no handler thread left, except those still running abandoned
-    jobs (see the server's shutdown rules).
-    Unlike ``trio.to_thread``'s process-wide cache, whose idle threads linger
-    for seconds, this keeps the "no thread outlives its server" promise.
+    Cancellation: the thread cannot be interrupted. When the call is cancelled and the
+    thread is still running, ``release()`` is called (it makes the thread's blocked I/O
+    return); with ``wait_for_release`` the call then waits, shielded, up to
+    :data:`THREAD_RELEASE_TIMEOUT` for the thread to return. A thread still running after
+    that **keeps running in the background**: it is abandoned, its "finished" event goes
+    to ``abandoned`` (for server_close() to wait on), and Cancelled is re-raised.
     """
+    token = trio.lowlevel.current_trio_token()
+    finished = threading.Event()
+    returned = trio.Event()
 
-    daemon: bool
-    server: object
-    _lock: threading.Lock = attrs.Factory(threading.Lock)
-    _idle: list[_Worker] = attrs.Factory(list)  # most recently idle last
-    _workers: list[_Worker] = attrs.Factory(list)
-
-    @property
-    def has_threads(self) -> bool:
-        """Whether any thread of this pool may still be alive."""
-        return any(w.thread.is_alive() for w in self._workers)
-
-    def submit(self, fn: Callable[..., object], *args: Any) -> Job:
-        """Start ``fn(*args)`` on a pool thread; must be called from the trio thread."""
-        job = Job(fn, args, trio.lowlevel.current_trio_token(), self.server)
-        with self._lock:
-            if self._idle:
-                worker, start = self._idle.pop(), False
-            else:
-                worker, start = self._new_worker(), True
-            worker.job = job
-        worker.inbox.put(job)
-        if start:
-            worker.thread.start()
-        return job
-
-    def _new_worker(self) -> _Worker:
-        worker = _Worker()
-        worker.thread = threading.Thread(
-            target=self._work,
-            args=(worker,),
-            name=f"trio_socketserver handler {next(_thread_names)}",
-            daemon=self.daemon,
-        )
-        self._workers.append(worker)
-        return worker
-
-    def _work(self, worker: _Worker) -> None:
-        while True:
+    def on_thread() -> T:
+        try:
+            return body()
+        finally:
+            finished.set()
             try:
-                job = worker.inbox.get(timeout=IDLE_THREAD_TIMEOUT)
-            except queue.Empty:
-                with self._lock:
-                    # Leave only while nobody has claimed this thread; if submit() just
-                    # did, its job is on the way: take it.
-                    if worker in self._idle:
-                        self._idle.remove(worker)
-                        self._workers.remove(worker)
-                        return
-                continue
-            if job is None:
-                return
-            job.run()
-            with self._lock:
-                worker.job = None
-                self._idle.append(worker)
-            job.deliver()
+                token.run_sync_soon(returned.set)
+            except trio.RunFinishedError:
+                pass  # the run that waited for it is gone; nobody to wake
 
-    def close(self) -> None:
-        """Make every thread exit once idle; join all but those running abandoned jobs.
-
-        Call it once no task waits for a job any more: every thread is then idle
-        or finishing a job whose result was delivered (each exits at once on
-        its sentinel, so these joins are short), or running an abandoned job;
-        those exit when the job ends, and :meth:`join` waits for them.
-        """
-        with self._lock:
-            workers = list(self._workers)
-            abandoned = [w for w in workers if w.job is not None and w.job.abandoned]
-        for worker in workers:
-            worker.inbox.put(None)
-        for worker in workers:
-            if worker not in abandoned:
-                worker.thread.join()
-        with self._lock:
-            self._workers = [w for w in workers if w.thread.is_alive()]
-
-    def join(self, timeout: float | None) -> None:
-        """Join threads still running abandoned jobs, up to ``timeout`` seconds in all."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for worker in self._workers:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            worker.thread.join(remaining)
-        self._workers = [w for w in self._workers if w.thread.is_alive()]
+    try:
+        return await trio.to_thread.run_sync(
+            on_thread,
+            limiter=limiter,
+            abandon_on_cancel=True,
+            thread_name=f"trio_socketserver handler for {who!r}",
+        )
+    except trio.Cancelled:
+        if not finished.is_set():
+            release()
+            if wait_for_release:
+                with trio.CancelScope(shield=True), trio.move_on_after(THREAD_RELEASE_TIMEOUT):
+                    await returned.wait()
+            if not finished.is_set():
+                abandoned.append(finished)
+                if wait_for_release:
+                    LOGGER.warning(
+                        "handler thread for %r still running %.1f s after its connection was "
+                        "shut down; abandoning it (threads cannot be cancelled)",
+                        who,
+                        THREAD_RELEASE_TIMEOUT,
+                    )
+                else:
+                    LOGGER.debug("not waiting for the daemon handler thread for %r", who)
+        raise
 
 
 class ThreadingMixIn:
-    """Run each request of a sync ``handle()`` in its own (reused) thread.
+    """Run each request of a sync ``handle()`` on its own thread.
 
     Put it first in the bases, as with the stdlib: ``class
     ThreadingTCPServer(ThreadingMixIn, TCPServer)``. Async handlers are
     unaffected: they always run as tasks.
 
+    Threads are trio's worker threads (``trio.to_thread``), so a handler can call into the
+    trio side with ``trio.from_thread.run()`` / ``run_sync()``, and
+    ``trio.from_thread.check_cancelled()`` tells it that a stop cut its request.
+
     ``max_threads`` bounds the threads running handlers at once; when they are
     all busy the server stops accepting and new clients wait in the kernel
     backlog. Default ``None``: unbounded, like the stdlib.
-    ``daemon_threads``: when True, shutdown does not wait for handler threads
+    ``daemon_threads``: when True, a stop does not wait for handler threads
     that are still running after ``shutdown_grace`` (they are abandoned and
-    keep running). ``block_on_close``: when True, ``server_close()`` joins
-    handler threads that shutdown had to abandon.
+    keep running). ``block_on_close``: when True, ``server_close()`` waits for
+    handler threads that a stop had to abandon, for at most ``shutdown_grace``.
     """
 
     max_threads: int | None = None
     daemon_threads: bool = False
     block_on_close: bool = True
 
-    def _sync_capacity(self) -> int | None:
-        return self.max_threads
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """One request on its thread, as the stdlib's: finish, report errors, shut down.
+
+        Override it to wrap every request (the engine calls it on the handler thread).
+        What escapes it goes to ``threading.excepthook`` and ends that request only.
+        """
+        server: Any = self
+        try:
+            server.finish_request(request, client_address)
+        except Exception:
+            mark_failed()
+            server.handle_error(request, client_address)
+        finally:
+            server.shutdown_request(request)

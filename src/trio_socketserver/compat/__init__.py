@@ -18,7 +18,6 @@ differences are listed in ``docs/compat.md``.
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +27,7 @@ from .. import _families, _server, _threading
 from .._handlers import BaseRequestHandler as BaseRequestHandler
 from .._handlers import DatagramRequestHandler as DatagramRequestHandler
 from .._handlers import StreamRequestHandler as StreamRequestHandler
-from .._server import LOGGER
+from .._server import engine_of
 from ._install import install as install
 from ._install import installed as installed
 from ._install import uninstall as uninstall
@@ -65,11 +64,6 @@ _FORKING_NAMES = frozenset(name for name in __all__ if name.startswith("Forking"
 
 ServerT = TypeVar("ServerT", bound="BaseServer")
 
-# The families' own get_request(): they raise BlockingIOError when nothing is ready and the
-# engine then waits, so the engine may call them before the socket is readable, saving an
-# epoll round trip per accept (about a tenth of the CPU a connection costs compat).
-_ENGINE_GET_REQUESTS = frozenset({_families.TCPServer.get_request, _families.UDPServer.get_request})
-
 
 class BaseServer(_server.BaseServer):
     """The stdlib's ``BaseServer``, with blocking methods callable from any thread.
@@ -81,6 +75,10 @@ class BaseServer(_server.BaseServer):
     ``get_request`` on the thread running the server, ``finish_request``, ``handle_error``
     and ``shutdown_request`` of a sync handler on its handler thread.
     """
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
+        super().__init__(server_address, RequestHandlerClass)
+        _with_stdlib_manners(self)
 
     def serve_forever(self, poll_interval: float | None = 0.5) -> None:  # type: ignore[override]
         """Handle requests until :meth:`shutdown`; blocks the calling thread.
@@ -98,7 +96,7 @@ class BaseServer(_server.BaseServer):
         propagate, as in the stdlib. ``RuntimeError`` if it is already running or the server
         is closed.
         """
-        self._run_engine(super().serve_forever, poll_interval)
+        self.__run_engine(super().serve_forever, poll_interval)
 
     def handle_request(self) -> None:  # type: ignore[override]
         """Wait for one request, handle it to completion, return; blocks the calling thread.
@@ -111,10 +109,10 @@ class BaseServer(_server.BaseServer):
         socket_timeout = self.socket.gettimeout()
         if socket_timeout is not None:
             timeout = socket_timeout if timeout is None else min(timeout, socket_timeout)
-        self._run_engine(self._handle_one_request, timeout)
+        self.__run_engine(self.__handle_one_request, timeout)
 
-    async def _handle_one_request(self, wait: float | None) -> None:
-        self._check_can_serve()
+    async def __handle_one_request(self, wait: float | None) -> None:
+        engine_of(self).check_can_serve()
         if wait is not None:
             with trio.move_on_after(wait) as waited:
                 await trio.lowlevel.wait_readable(self.socket)
@@ -123,14 +121,8 @@ class BaseServer(_server.BaseServer):
                 return
         await super().handle_request()
 
-    def _run_engine(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
-        """Run the engine in this thread; leave the socket's blocking mode as it was found.
-
-        The engine makes the server socket non-blocking while it serves; a stdlib caller
-        that set a timeout on ``server.socket`` finds it again afterwards.
-        """
-        sock = self.socket
-        socket_timeout = sock.gettimeout()
+    def __run_engine(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run the engine in this thread, with the stdlib's exceptions."""
         try:
             trio.run(async_fn, *args)
         except BaseExceptionGroup as group:
@@ -141,33 +133,24 @@ class BaseServer(_server.BaseServer):
                 raise
         else:
             return
-        finally:
-            if sock.fileno() != -1:
-                sock.settimeout(socket_timeout)
         raise error
-
-    async def _get_request(self) -> tuple[Any, Any]:
-        """The engine's accept step with the stdlib's manners.
-
-        An overriding ``get_request()`` is called only once the socket is readable (one that
-        logs its errors never sees a spurious ``BlockingIOError``), and an ``OSError`` from it costs
-        that request only, as the stdlib ignores it: a ``get_request()`` that wraps the
-        connection in TLS must not end the server when one client fails the handshake.
-        """
-        wait_first = type(self).get_request not in _ENGINE_GET_REQUESTS
-        while True:
-            if wait_first:
-                await trio.lowlevel.wait_readable(self.socket)
-            try:
-                return await super()._get_request()
-            except OSError as exc:
-                LOGGER.info("get_request() failed on %s: %r; skipped", self.server_address, exc)
 
     def __enter__(self: ServerT) -> ServerT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.server_close()
+
+
+def _with_stdlib_manners(server: _server.BaseServer) -> None:
+    engine = engine_of(server)
+    # An overriding get_request() is called only once the socket is readable (one that logs
+    # its errors never sees a spurious BlockingIOError), and an OSError from it costs that
+    # request only, as the stdlib ignores it.
+    engine.stdlib_manners = True
+    # Stdlib subclasses use the name ssl_context for their own context (werkzeug's dev server
+    # wraps its listening socket and stores it there): the engine must not do TLS with it.
+    engine.tls_from_server = False
 
 
 def _sole_exception(error: BaseException) -> BaseException:
@@ -194,10 +177,9 @@ class TCPServer(BaseServer, _families.TCPServer):
     def __init__(
         self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
     ) -> None:
-        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
-
-    def _blocking_request(self, request: Any) -> Any:
-        return request
+        # Past compat's BaseServer.__init__, whose signature is the stdlib's (no bind flag).
+        _families.TCPServer.__init__(self, server_address, RequestHandlerClass, bind_and_activate)
+        _with_stdlib_manners(self)
 
 
 class UDPServer(TCPServer, _families.UDPServer):
@@ -221,11 +203,11 @@ else:
 class ThreadingMixIn(_threading.ThreadingMixIn, _Mixed):
     """The stdlib's ``ThreadingMixIn``: each request of a sync handler on its own thread.
 
-    Threads come from the engine's per-run pool and are reused; ``max_threads`` (default
-    ``None``, unbounded as in the stdlib) bounds them, and a server with that many busy stops
-    accepting. ``daemon_threads``: shutdown does not wait for handler threads still running
-    after ``shutdown_grace``. ``block_on_close``: ``server_close()`` joins them, for at most
-    ``shutdown_grace`` seconds.
+    Threads are trio's worker threads (``trio.to_thread``), so ``trio.from_thread`` works in
+    handlers; ``max_threads`` (default ``None``, unbounded as in the stdlib) bounds them, and a
+    server with that many busy stops accepting. ``daemon_threads``: shutdown does not wait for
+    handler threads still running after ``shutdown_grace``. ``block_on_close``:
+    ``server_close()`` waits for them, for at most ``shutdown_grace`` seconds.
 
     Each request runs through :meth:`process_request_thread` on its thread, so overrides of
     it see every request. What escapes it (``SystemExit``, an exception from
@@ -243,26 +225,6 @@ class ThreadingMixIn(_threading.ThreadingMixIn, _Mixed):
     def server_close(self) -> None:
         """Close the server; see :meth:`BaseServer.server_close` for which threads it joins."""
         super().server_close()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Same as in BaseServer but as a thread: finish, report errors, shut down the request."""
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-
-    def _handle_blocking(self, connection: list[Any], client_address: Any) -> None:
-        # compat converts no request (no engine TLS): connection[0] is what get_request() gave.
-        try:
-            self.process_request_thread(connection[0], client_address)
-        except BaseException:
-            exc_type, exc, traceback = sys.exc_info()
-            threading.excepthook(
-                threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
-            )
-            del exc, traceback  # break the frame <-> traceback cycle
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):

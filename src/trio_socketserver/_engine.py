@@ -1,0 +1,773 @@
+# The engine: everything a server does between the stdlib's hooks. One Engine object per
+# server, reached only through BaseServer's one name-mangled attribute, holds the serve loop,
+# the handler nursery, the capacity limit, the stop machinery, the counters and the state of
+# the current run, so that nothing here shares a namespace with users' server subclasses.
+# What a server looks like from outside (the stdlib's hooks and names) lives in _server.py;
+# how a sync request runs on a thread in _threading.py; the socket stream in _socket_stream.py.
+from __future__ import annotations
+
+import contextvars
+import errno
+import functools
+import inspect
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from ._socket_stream import SocketFastStream
+from ._threading import ThreadingMixIn, record_failure, run_in_thread
+
+LOGGER = logging.getLogger("trio_socketserver")
+# One line per request, at INFO: peer, outcome, duration and bytes. Off unless the
+# application's logging configuration (or the CLI's --access-log) turns it on.
+ACCESS_LOG = logging.getLogger("trio_socketserver.access")
+
+# Accept failures that mean "the process or system is out of something"; the
+# pending connection stays in the backlog, so we back off and try again.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# How long the accept loop sleeps after a capacity error: long enough not to
+# spin the CPU, short enough to pick up within a blink once fds free up.
+ACCEPT_BACKOFF = 0.100
+# At most one capacity warning per this many seconds: an fd shortage under load
+# would otherwise write ten log lines a second.
+CAPACITY_LOG_INTERVAL = 10.0
+# Accept failures that concern only the one connection being accepted (it was
+# reset or its route vanished before we took it): skip it and keep serving.
+ACCEPT_SKIP_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "EPERM",
+    )
+    if hasattr(errno, name)
+)
+# How long shutdown_request() may take once a stop has cut its request: long enough for an
+# async override to close the connection, short enough not to hold a hard stop.
+END_REQUEST_TIMEOUT = 1.0
+# Hooks that a sync handler's request calls on its own thread (or worker process), where
+# nothing could await what an async override returns.
+SYNC_REQUEST_HOOKS = (
+    "finish_request",
+    "handle_error",
+    "shutdown_request",
+    "close_request",
+    "process_request_thread",
+)
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Call a hook that may be sync or async, and return its result."""
+    result = hook(*args)
+    # Most hooks are sync and return None or a bool: skip the (slow) Awaitable ABC check.
+    if result is None or result is True or result is False:
+        return result
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def is_async_handler(handler_class: object) -> bool:
+    """Whether ``handler_class`` has an ``async def handle`` (runs as a task)."""
+    return _is_coroutine_function(getattr(handler_class, "handle", None))
+
+
+# Asked several times per request; keyed by the function itself, so a class whose
+# handle() is replaced is asked afresh.
+_is_coroutine_function = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
+
+
+def reject_async_hooks(server: object, names: tuple[str, ...], where: str) -> None:
+    """TypeError for a hook in ``names`` that ``server`` overrides with an ``async def``."""
+    for name in names:
+        if inspect.iscoroutinefunction(getattr(type(server), name, None)):
+            raise TypeError(
+                f"{type(server).__name__}.{name}() is async, but it runs {where}, where "
+                "nothing can await it; make it a plain def (see 'Which hooks may be async' "
+                "in the docs)"
+            )
+
+
+@attrs.frozen
+class ServerStatistics:
+    """Counters of one server, from :meth:`BaseServer.statistics`."""
+
+    active_requests: int
+    """Requests being handled right now."""
+    accepted_requests: int
+    """Requests taken from the socket since the server was created."""
+    finished_requests: int
+    """Requests whose handler ran to completion without raising."""
+    failed_requests: int
+    """Requests whose handling raised (reported through ``handle_error``)."""
+    cancelled_requests: int
+    """Requests cut by a shutdown (grace expired) or a hard stop."""
+    serving: bool
+    """Whether ``serve_forever()`` is running."""
+
+
+@attrs.define(eq=False)
+class Connection:
+    """What the engine made of one async stream request: what the handler sees as
+    ``self.request``, and the stream its rfile/wfile use (the fast socket stream under a
+    plain connection; the TLS stream itself with TLS)."""
+
+    request: trio.abc.Stream
+    io: trio.abc.Stream
+
+
+# The connection of the request the current task handles. A context variable, because each
+# request runs in its own task and the stdlib's hook signatures have no room for it.
+_connection: contextvars.ContextVar[Connection] = contextvars.ContextVar(
+    "trio_socketserver_connection"
+)
+
+
+def io_stream_for(request: object) -> Any:
+    """The stream a stream handler's rfile/wfile should use for ``request``: the engine's
+    fast stream when ``request`` is the connection the engine made for this task, else
+    ``request`` itself (a hook substituted its own, or a test passed a memory stream)."""
+    connection = _connection.get(None)
+    if connection is not None and connection.request is request:
+        return connection.io
+    return request
+
+
+@attrs.define(eq=False)
+class RateLimitedWarning:
+    """A warning logged at most once per ``CAPACITY_LOG_INTERVAL`` seconds.
+
+    Measured on trio's clock, not time.monotonic(): the same clock as the backoff sleeps
+    between the retries it reports, so the rate holds under a MockClock too.
+    """
+
+    _last: float = -math.inf
+
+    def log(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self._last >= CAPACITY_LOG_INTERVAL:
+            self._last = now
+            LOGGER.warning(message, *args)
+
+
+@attrs.define(eq=False)
+class CapacitySlot:
+    """One request's place under the server's capacity limit.
+
+    The accept loop takes it before accepting. The request's task gives it back when the
+    request ends, unless the request runs on a thread: this object is then the
+    ``limiter`` of ``trio.to_thread.run_sync``, so the place is given back when the thread
+    really returns, even after a stop abandoned it.
+    """
+
+    limiter: trio.CapacityLimiter
+    held: bool = False
+    on_thread: bool = False
+
+    async def take(self) -> None:
+        await self.limiter.acquire_on_behalf_of(self)
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.limiter.release_on_behalf_of(self)
+
+    # The limiter protocol of trio.to_thread.run_sync: the place is already taken.
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        self.on_thread = True
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.give_back()
+
+
+@attrs.define(eq=False)
+class _Run:
+    """One call of serve_forever(): how other threads and tasks reach it."""
+
+    token: trio.lowlevel.TrioToken
+    loops: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    stop_requested: bool = False
+    finished: threading.Event = attrs.Factory(threading.Event)
+    stopped: trio.Event = attrs.Factory(trio.Event)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        self.loops.cancel()
+
+
+@attrs.define(eq=False)
+class _Requests:
+    """Where the requests of one serve_forever()/handle_request() call run."""
+
+    nursery: trio.Nursery
+    limiter: trio.CapacityLimiter
+    slot: CapacitySlot | None = None  # the place of the request being dispatched
+
+
+# A request's body, run by start_request(): returns whether the request failed.
+RequestRunner = Callable[[CapacitySlot, Any, Any], Awaitable[bool]]
+
+
+@attrs.define(eq=False)
+class Engine:
+    """The machinery behind one server; see the module comment."""
+
+    server: Any
+    tls_from_server: bool = True
+    """Whether the server's ``ssl_context`` attribute is the engine's (compat: the user's)."""
+    stdlib_manners: bool = False
+    """compat: an overriding get_request() is called only once the socket is readable, and
+    an OSError from it costs that request only, as in the stdlib."""
+    run: _Run | None = None
+    _shutdown_pending: bool = False
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+    _requests: _Requests | None = None
+    _closed: bool = False
+    abandoned_threads: list[threading.Event] = attrs.Factory(list)
+    _trio_socket: trio.socket.SocketType | None = None
+    _capacity_warning: RateLimitedWarning = attrs.Factory(RateLimitedWarning)
+    _accepted: int = 0
+    _finished: int = 0
+    _failed: int = 0
+    _cancelled: int = 0
+    _active: int = 0
+
+    # -- serving ------------------------------------------------------------
+
+    async def serve_forever(
+        self, poll_interval: float | None, task_status: trio.TaskStatus[None]
+    ) -> None:
+        run = _Run(trio.lowlevel.current_trio_token())
+        # Under the lock, so that a shutdown() from another thread either sees this
+        # run or leaves _shutdown_pending for it: never neither.
+        with self._lock:
+            self.check_can_serve()
+            if self._shutdown_pending:
+                # shutdown() before serve_forever(): as in the stdlib, it makes the
+                # next serve_forever() return at once.
+                self._shutdown_pending = False
+                run.request_stop()
+            self.run = run
+        try:
+            async with self._open_requests() as requests:
+                try:
+                    with run.loops:
+                        async with trio.open_nursery() as loops:
+                            loops.start_soon(self._serve_requests, requests)
+                            if poll_interval is not None:
+                                loops.start_soon(self._run_service_actions, poll_interval)
+                            task_status.started()
+                            if run.stop_requested:
+                                loops.cancel_scope.cancel()
+                finally:
+                    grace = self.server.shutdown_grace
+                    if grace is not None:
+                        requests.nursery.cancel_scope.deadline = trio.current_time() + grace
+        finally:
+            self.run = None
+            run.finished.set()
+            run.stopped.set()
+
+    async def handle_request(self) -> None:
+        self.check_can_serve()
+        timeout = self.server.timeout
+        async with self._open_requests() as requests:
+            with trio.move_on_after(math.inf if timeout is None else timeout) as waited:
+                request, client_address = await self._get_request()
+            if waited.cancelled_caught:
+                await call_hook(self.server.handle_timeout)
+                return
+            slot = CapacitySlot(requests.limiter)
+            await slot.take()
+            await self._admit_request(requests, slot, request, client_address)
+
+    def check_can_serve(self) -> None:
+        if self.is_closed():
+            raise RuntimeError(
+                "the server's socket is closed; create a new server (or assign an open "
+                "socket to server.socket) to serve again"
+            )
+        if self.run is not None:
+            raise RuntimeError("serve_forever() is already running; call shutdown() first")
+
+    def is_closed(self) -> bool:
+        """Closed means: this server's socket is closed (a server without one: server_close()
+        was called). A stdlib pattern gives a closed server a new socket and serves again."""
+        sock = getattr(self.server, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock.fileno() == -1
+        return self._closed
+
+    @asynccontextmanager
+    async def _open_requests(self) -> AsyncIterator[_Requests]:
+        server = self.server
+        limit = self._request_limit()
+        if not is_async_handler(server.RequestHandlerClass):
+            reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
+        limiter = trio.CapacityLimiter(math.inf if limit is None else limit)
+        # get_request() must not block the trio thread: the engine waits for readability
+        # itself and treats BlockingIOError as "nothing yet". The socket's own mode is put
+        # back afterwards, for a caller that uses it blocking again.
+        sock = getattr(server, "socket", None)
+        saved_timeout = sock.gettimeout() if isinstance(sock, socket.socket) else None
+        if isinstance(sock, socket.socket):
+            sock.setblocking(False)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._requests = _Requests(nursery, limiter)
+                yield self._requests
+        finally:
+            self._requests = None
+            if isinstance(sock, socket.socket) and sock.fileno() != -1:
+                sock.settimeout(saved_timeout)
+
+    def _request_limit(self) -> int | None:
+        """How many requests may run at once: the limit that stops the accept loop.
+
+        ``max_connections`` for async handlers; for sync ones ``max_threads`` with
+        ThreadingMixIn, ``max_children`` with ForkingMixIn's pool, else one at a time.
+        """
+        server = self.server
+        if is_async_handler(server.RequestHandlerClass):
+            limit = server.max_connections
+        elif isinstance(server, ThreadingMixIn):
+            limit = server.max_threads
+        else:
+            limit = getattr(server, "max_children", 1)
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"request limit must be a positive int or None, not {limit!r}")
+        grace = server.shutdown_grace
+        if grace is not None and not grace >= 0:
+            raise ValueError(f"shutdown_grace must be >= 0 seconds or None, not {grace!r}")
+        return limit
+
+    async def _serve_requests(self, requests: _Requests) -> None:
+        while True:
+            slot = CapacitySlot(requests.limiter)
+            await slot.take()
+            # acquire() may not check for cancellation; shutdown() must take
+            # effect before the next accept even under a flood of clients.
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                request, client_address = await self._get_request()
+            except BaseException:
+                slot.give_back()
+                raise
+            await self._admit_request(requests, slot, request, client_address)
+            await call_hook(self.server.service_actions)
+
+    async def _admit_request(
+        self, requests: _Requests, slot: CapacitySlot, request: Any, client_address: Any
+    ) -> None:
+        """verify_request, then process_request; gives the slot back if no task took it."""
+        server = self.server
+        self._accepted += 1
+        requests.slot = slot
+        try:
+            try:
+                verified = await call_hook(server.verify_request, request, client_address)
+            except trio.Cancelled:
+                # A stop cut an async verify_request(): no task owns the request yet.
+                await self.end_request(request, client_address)
+                raise
+            if verified:
+                await call_hook(server.process_request, request, client_address)
+            else:
+                await self.end_request(request, client_address)
+        except Exception:
+            self._failed += 1
+            await self.report_error(request, client_address)
+            await self.end_request(request, client_address)
+        finally:
+            if requests.slot is not None:
+                requests.slot = None
+                slot.give_back()
+
+    async def _get_request(self) -> tuple[Any, Any]:
+        """get_request(), waiting until the socket is readable; survives fd exhaustion."""
+        server = self.server
+        wait_first = self.stdlib_manners and not _engine_get_request(server)
+        while True:
+            try:
+                if wait_first:
+                    await trio.lowlevel.wait_readable(server.socket)
+                request: tuple[Any, Any] = await call_hook(server.get_request)
+                return request
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_readable(server.socket)
+            except OSError as exc:
+                if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    await trio.lowlevel.checkpoint()
+                elif exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    self.log_capacity(exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                elif self.stdlib_manners:
+                    # The stdlib ignores it: a get_request() that wraps the connection in
+                    # TLS must not end the server when one client fails the handshake.
+                    LOGGER.info("get_request() failed on %s: %r; skipped", server, exc)
+                else:
+                    raise
+
+    def log_capacity(self, exc: OSError) -> None:
+        self._capacity_warning.log(
+            "cannot accept on %s: %s; retrying every %.1f s until resources free up "
+            "(raise the fd limit, e.g. ulimit -n, or lower max_connections)",
+            self.server.server_address,
+            exc,
+            ACCEPT_BACKOFF,
+        )
+
+    async def _run_service_actions(self, poll_interval: float) -> None:
+        while True:
+            await trio.sleep(poll_interval)
+            await call_hook(self.server.service_actions)
+
+    # -- running one request ---------------------------------------------
+
+    def start_request(
+        self, request: Any, client_address: Any, runner: RequestRunner | None = None
+    ) -> None:
+        """Start handling the request in its own task (``runner``, or the engine's own
+        way: an async handler in the task, a sync one on a thread); returns at once."""
+        requests = self._requests
+        if requests is None or requests.slot is None:
+            raise RuntimeError(
+                "process_request() starts a request only when the serve loop calls it"
+            )
+        slot, requests.slot = requests.slot, None
+        requests.nursery.start_soon(
+            self._run_request, slot, request, client_address, runner or self._run_on_thread
+        )
+
+    async def _run_request(
+        self, slot: CapacitySlot, request: Any, client_address: Any, runner: RequestRunner
+    ) -> None:
+        self._active += 1
+        started = trio.current_time()
+        outcome = "cut short"
+        connection: Connection | None = None
+        try:
+            if is_async_handler(self.server.RequestHandlerClass):
+                # Inline, not in a runner: every coroutine frame under this task is memory
+                # that each idle connection holds for as long as it lives.
+                failed = False
+                try:
+                    connection = self._open_connection(request)
+                    running = self.server.finish_request(
+                        self.async_request(request) if connection is None else connection.request,
+                        client_address,
+                    )
+                    if inspect.isawaitable(running):
+                        await running
+                except Exception:
+                    failed = True
+                    await self.report_error(request, client_address)
+                finally:
+                    failed = not await self.end_request(request, client_address) or failed
+            else:
+                failed = await runner(slot, request, client_address)
+            if failed:
+                self._failed += 1
+                outcome = "failed"
+            else:
+                self._finished += 1
+                outcome = "finished"
+        except trio.Cancelled:
+            self._cancelled += 1
+            raise
+        finally:
+            self._active -= 1
+            if not slot.on_thread:
+                slot.give_back()
+            if ACCESS_LOG.isEnabledFor(logging.INFO):
+                _log_access(client_address, outcome, trio.current_time() - started, connection)
+
+    def _open_connection(self, request: Any) -> Connection | None:
+        """Make the trio objects an async handler gets; None when the request stays as it
+        is (a datagram's request is converted in place, see async_request)."""
+        if not isinstance(request, socket.socket) or request.type != socket.SOCK_STREAM:
+            return None
+        fast = SocketFastStream(request)
+        server = self.server
+        context = getattr(server, "ssl_context", None) if self.tls_from_server else None
+        if context is None:
+            token = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(request)), fast)
+            _connection.set(token)
+            return token
+        # The handshake happens on the handler's first read or write, bounded by its timeout.
+        tls = trio.SSLStream(
+            fast,
+            context,
+            server_side=True,
+            https_compatible=getattr(server, "https_compatible", False),
+        )
+        token = Connection(tls, tls)
+        _connection.set(token)
+        return token
+
+    def async_request(self, request: Any) -> Any:
+        """What an async handler's ``self.request`` is for a datagram request: the data and
+        the server's trio socket (stream requests: see _open_connection)."""
+        if (
+            isinstance(request, tuple)
+            and len(request) == 2
+            and isinstance(request[1], socket.socket)
+        ):
+            data, sock = request
+            if self._trio_socket is None or self._trio_socket.fileno() != sock.fileno():
+                self._trio_socket = trio.socket.from_stdlib_socket(sock)
+            return (data, self._trio_socket)
+        return request
+
+    def blocking_request(self, request: Any) -> Any:
+        """A sync handler's ``self.request``; runs on its thread (TLS handshakes there)."""
+        context = getattr(self.server, "ssl_context", None) if self.tls_from_server else None
+        if context is None or not isinstance(request, socket.socket):
+            return request
+        # wrap_socket() moves the fd into a new object, out of reach of the engine's release
+        # of a stuck thread (a shutdown() of `request`): handshake on a duplicate, so that
+        # `request` can still release it, then close `request`. The handshake runs before
+        # setup() applies the handler's timeout, so it gets that timeout here: a client that
+        # stalls mid-handshake must not hold the thread.
+        raw = request.dup()
+        try:
+            raw.settimeout(getattr(self.server.RequestHandlerClass, "timeout", None))
+            tls = context.wrap_socket(raw, server_side=True)
+        except BaseException:
+            raw.close()
+            raise
+        request.close()
+        return tls
+
+    async def _run_on_thread(self, slot: CapacitySlot, request: Any, client_address: Any) -> bool:
+        """A sync handler's request: the stdlib's sequence on one of trio's worker threads."""
+        server = self.server
+        connection = [request]
+        if isinstance(server, ThreadingMixIn):
+            wait = not server.daemon_threads
+        else:
+            # A plain server runs its requests as the stdlib does on the serving thread: a
+            # stop waits for them unless that thread is a daemon (the process may exit).
+            wait = not threading.current_thread().daemon
+        failed: bool = await run_in_thread(
+            functools.partial(self.blocking_sequence, connection, client_address),
+            limiter=slot,
+            release=lambda: release_connection(connection[0]),
+            wait_for_release=wait,
+            who=client_address,
+            abandoned=self.abandoned_threads,
+        )
+        return failed
+
+    def blocking_sequence(self, connection: list[Any], client_address: Any) -> bool:
+        """The stdlib's request sequence, on a handler thread; returns whether it failed.
+
+        ``connection[0]`` is the request; it is replaced by what blocking_request() made of
+        it, so a stop can release that.
+        """
+        server = self.server
+        try:
+            connection[0] = self.blocking_request(connection[0])
+        except Exception:
+            self._report_error_blocking(connection[0], client_address)
+            self._end_request_blocking(connection[0], client_address)
+            return True
+        if isinstance(server, ThreadingMixIn):
+            return _on_own_thread(server.process_request_thread, connection[0], client_address)
+        failed = False
+        try:
+            server.finish_request(connection[0], client_address)
+        except Exception:
+            failed = True
+            self._report_error_blocking(connection[0], client_address)
+        finally:
+            failed = not self._end_request_blocking(connection[0], client_address) or failed
+        return failed
+
+    def _report_error_blocking(self, request: Any, client_address: Any) -> None:
+        try:
+            self.server.handle_error(request, client_address)
+        except Exception:
+            LOGGER.exception("handle_error() raised while reporting %r", client_address)
+
+    def _end_request_blocking(self, request: Any, client_address: Any) -> bool:
+        """shutdown_request() on a handler thread; False if it raised (reported)."""
+        try:
+            self.server.shutdown_request(request)
+        except Exception:
+            self._report_error_blocking(request, client_address)
+            return False
+        return True
+
+    async def end_request(self, request: Any, client_address: Any) -> bool:
+        """shutdown_request(); False if it raised (reported through handle_error).
+
+        An async override is awaited shielded, so a stop cannot cut it before it closed the
+        connection, and bounded, so it cannot hold a stop either.
+        """
+        try:
+            result = self.server.shutdown_request(request)
+            if inspect.isawaitable(result):
+                with trio.CancelScope(shield=True), trio.move_on_after(END_REQUEST_TIMEOUT):
+                    await result
+        except Exception:
+            await self.report_error(request, client_address)
+            return False
+        return True
+
+    async def report_error(self, request: Any, client_address: Any) -> None:
+        """handle_error() from inside an except block; what it raises is logged."""
+        try:
+            await call_hook(self.server.handle_error, request, client_address)
+        except Exception:
+            LOGGER.exception("handle_error() raised while reporting %r", client_address)
+
+    # -- stopping --------------------------------------------------------
+
+    def shutdown(self) -> None:
+        with self._lock:
+            run = self.run
+            if run is None:
+                self._shutdown_pending = True
+                return
+        try:
+            on_trio_thread = trio.lowlevel.current_trio_token() is run.token
+        except RuntimeError:
+            on_trio_thread = False
+        if on_trio_thread:
+            run.request_stop()
+            return
+        try:
+            run.token.run_sync_soon(run.request_stop)
+        except trio.RunFinishedError:
+            return
+        # A thread that this very run started (a sync handler's, or an async handler's
+        # trio.to_thread) may be one the run waits for: waiting here would deadlock.
+        if not _thread_of_run(run.token):
+            run.finished.wait()
+
+    @property
+    def shutdown_requested(self) -> bool:
+        run = self.run
+        return run is not None and run.stop_requested
+
+    def stop_serving(self) -> None:
+        """server_close()'s first step: a running serve_forever() is shut down."""
+        if self.run is not None:
+            self.shutdown()
+        self._closed = True
+
+    async def astop_serving(self) -> None:
+        """aclose()'s first step: shut a running serve_forever() down and wait for it."""
+        run = self.run
+        if run is not None:
+            self.shutdown()
+            if run.token is trio.lowlevel.current_trio_token():
+                await run.stopped.wait()
+            else:
+                await trio.to_thread.run_sync(run.finished.wait, abandon_on_cancel=True)
+        self._closed = True
+
+    def join_abandoned_threads(self, timeout: float | None) -> None:
+        """Wait, up to ``timeout`` seconds in all, for threads a stop had to abandon."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for finished in list(self.abandoned_threads):
+            left = None if deadline is None else deadline - time.monotonic()
+            finished.wait(None if left is None else max(0.0, left))
+        self.abandoned_threads[:] = [f for f in self.abandoned_threads if not f.is_set()]
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            active_requests=self._active,
+            accepted_requests=self._accepted,
+            finished_requests=self._finished,
+            failed_requests=self._failed,
+            cancelled_requests=self._cancelled,
+            serving=self.run is not None,
+        )
+
+
+def _on_own_thread(process_request_thread: Callable[[Any, Any], None], *args: Any) -> bool:
+    """ThreadingMixIn's request: process_request_thread() as the stdlib's thread runs it.
+
+    What escapes it (``SystemExit``, an exception from ``handle_error``) goes to
+    ``threading.excepthook`` and ends that request only, as it ends only its thread in the
+    stdlib. Returns whether the request failed.
+    """
+    with record_failure() as outcome:
+        try:
+            process_request_thread(*args)
+        except BaseException:
+            outcome.failed = True
+            exc_type, exc, traceback = sys.exc_info()
+            threading.excepthook(
+                threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
+            )
+            del exc, traceback  # break the frame <-> traceback cycle
+    return outcome.failed
+
+
+def release_connection(request: Any) -> None:
+    """Make blocked I/O on a sync handler's socket return, from another thread.
+
+    The plain socket method is used even on an ``ssl.SSLSocket``, whose own
+    ``shutdown()`` would also tear down its TLS state under the reading thread.
+    """
+    if isinstance(request, socket.socket):
+        try:
+            socket.socket.shutdown(request, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed or never connected: nothing is blocked on it
+
+
+def _thread_of_run(token: trio.lowlevel.TrioToken) -> bool:
+    """Whether the calling (non-trio) thread was started by the trio run of ``token``."""
+    try:
+        return trio.from_thread.run_sync(trio.lowlevel.current_trio_token) is token
+    except RuntimeError:
+        return False  # not a trio thread, or its run is over
+
+
+def _engine_get_request(server: object) -> bool:
+    """Whether ``server`` uses a family's own get_request(), which raises BlockingIOError
+    when nothing is ready (so it may be called before the socket is readable)."""
+    from ._families import TCPServer, UDPServer
+
+    get_request = type(server).get_request  # type: ignore[attr-defined]
+    return get_request in (TCPServer.get_request, UDPServer.get_request)
+
+
+def _log_access(
+    client_address: Any, outcome: str, duration: float, connection: Connection | None
+) -> None:
+    io = None if connection is None else connection.io
+    if isinstance(io, trio.SSLStream):
+        io = io.transport_stream
+    if isinstance(io, SocketFastStream):
+        ACCESS_LOG.info(
+            "%s %s in %.3f s, %d bytes in, %d bytes out",
+            client_address,
+            outcome,
+            duration,
+            io.bytes_received,
+            io.bytes_sent,
+        )
+    else:
+        ACCESS_LOG.info("%s %s in %.3f s", client_address, outcome, duration)
