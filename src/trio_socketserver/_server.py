@@ -149,6 +149,8 @@ class ServerStatistics:
     """Requests cut by a shutdown (grace expired) or a hard stop."""
     serving: bool
     """Whether ``serve_forever()`` is running."""
+    failed_requests: int = 0
+    """Requests whose handler raised (reported through ``handle_error``)."""
 
 
 @attrs.define(eq=False)
