@@ -613,7 +613,15 @@ class BaseServer:
         timed out or broke the connection is logged as one line at INFO.
         """
         error = sys.exc_info()[1]
-        if isinstance(error, PEER_ERRORS):
+        # trio reports a failed TLS handshake (a plaintext client, say) as a broken stream
+        # caused by the SSLError: name the handshake, not the stream.
+        if isinstance(error, trio.BrokenResourceError) and isinstance(
+            error.__cause__, ssl.SSLError
+        ):
+            error = error.__cause__
+        if isinstance(error, ssl.SSLError):
+            LOGGER.info("connection from %r: TLS handshake failed: %s", client_address, error)
+        elif isinstance(error, PEER_ERRORS):
             LOGGER.info("connection from %r ended: %r", client_address, error)
         else:
             LOGGER.exception("exception while handling a request from %r", client_address)
