@@ -27,11 +27,10 @@ from trio_socketserver._cli import (
     Config,
     Endpoint,
     UsageError,
-    describe,
-    forced_exit_status,
     load_config,
     parse_bind,
     parse_handler_spec,
+    parse_options,
     server_class,
 )
 from trio_socketserver._echo import DatagramEchoHandler, EchoHandler
@@ -86,17 +85,22 @@ def test_parse_handler_spec() -> None:
             parse_handler_spec(bad)
 
 
+def config_from(*argv: str) -> Config:
+    return load_config(parse_options(argv))
+
+
 def test_without_options_it_echoes_lines_on_loopback() -> None:
-    config = load_config([])
+    config = config_from()
     assert config.endpoints == (Endpoint(V4, (DEFAULT_HOST, DEFAULT_PORT)),)
     assert config.handler is EchoHandler
-    assert config.log_level == "INFO"
-    assert load_config(["--udp"]).handler is DatagramEchoHandler
+    options = parse_options([])
+    assert (options.log_level, options.access_log) == ("INFO", False)
+    assert config_from("--udp").handler is DatagramEchoHandler
 
 
 def test_unix_replaces_the_default_bind_and_binds_add_up() -> None:
-    assert load_config(["--unix", "/tmp/a.sock"]).endpoints == (Endpoint(UNIX, "/tmp/a.sock"),)
-    config = load_config(["--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--unix", "s"])
+    assert config_from("--unix", "/tmp/a.sock").endpoints == (Endpoint(UNIX, "/tmp/a.sock"),)
+    config = config_from("--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--unix", "s")
     assert [e.family for e in config.endpoints] == [V4, V6, UNIX]
 
 
@@ -113,33 +117,19 @@ def test_server_class_carries_the_options() -> None:
     assert cls.address_family == V6
     assert (cls.max_connections, cls.max_threads, cls.shutdown_grace) == (3, 3, 0.5)
     assert cls.daemon_threads
+    assert cls.allow_reuse_address  # a restart binds at once (TIME-WAIT)
     datagrams = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
     unix_cls = server_class(datagrams, Endpoint(UNIX, "x"))
     assert issubclass(unix_cls, trio_socketserver.UnixDatagramServer)
     assert not issubclass(unix_cls, trio_socketserver.ThreadingMixIn)
+    assert unix_cls.remove_stale_socket  # type: ignore[attr-defined]
     assert unix_cls.shutdown_grace == trio_socketserver.BaseServer.shutdown_grace
     # The class attributes of the engine stay untouched.
     assert trio_socketserver.ThreadingTCPServer.address_family == V4
 
 
-def test_describe() -> None:
-    tcp = Config(endpoints=(), handler=EchoHandler)
-    assert describe(tcp, V4, ("127.0.0.1", 80)) == "tcp 127.0.0.1:80"
-    assert describe(tcp, V6, ("::1", 80, 0, 0)) == "tcp [::1]:80"
-    assert describe(tcp, UNIX, "/run/x.sock") == "unix /run/x.sock"
-    assert describe(tcp, UNIX, b"\0hidden") == r"unix '\x00hidden'"
-    udp = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
-    assert describe(udp, V4, ("127.0.0.1", 53)) == "udp 127.0.0.1:53"
-    assert describe(udp, UNIX, "/run/d.sock") == "unix-dgram /run/d.sock"
-
-
 def test_shutdown_grace_may_be_infinite() -> None:
-    assert load_config(["--shutdown-grace", "inf"]).shutdown_grace == math.inf
-
-
-def test_forced_exit_status_follows_the_shell_convention() -> None:
-    assert forced_exit_status(signal.SIGINT) == 130
-    assert forced_exit_status(signal.SIGTERM) == 143
+    assert config_from("--shutdown-grace", "inf").shutdown_grace == math.inf
 
 
 # -- one-line errors (in-process: nothing is served) --------------------------
@@ -180,7 +170,7 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
-        (["--tls-cert", "missing.pem"], "cannot load the TLS certificate and key (missing.pem)"),
+        (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
         (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
         (["--udp", "--tls-cert", "cert.pem"], "stream servers only; drop --udp"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -245,7 +235,7 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert "Traceback" not in server.stderr
-    assert "requests finished: 1, cut short: 0" in server.stderr
+    assert "requests finished: 1, failed: 0, cut short: 0" in server.stderr
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -267,7 +257,7 @@ def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
             assert client.recv(100) == b""
             assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
-    assert "requests finished: 0, cut short: 1" in server.stderr
+    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
 
 
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -305,13 +295,14 @@ def have_ipv6_loopback() -> bool:
 @pytest.mark.usefixtures("no_leaks")
 def test_several_binds_serve_together_and_stop_together() -> None:
     with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--bind", "[::1]:0") as server:
-        server.wait_for_line(r"on tcp \[::1\]:")  # both lines are printed once both listen
+        # Both lines are logged once both listen.
+        server.wait_for_line(r"on tcp \[::1\]:", stream="stderr")
         v4, v6 = server.serving()
         echo(ip_address(v4["where"]), b"four\n")
         echo(ip_address(v6["where"]), b"six\n", family=V6)
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
-    assert server.stderr.count("requests finished: 1, cut short: 0") == 2
+    assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0") == 2
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -410,7 +401,9 @@ def test_address_in_use_is_one_line_and_exit_2() -> None:
             assert server.wait() == 2
     assert server.stdout_lines == []
     [line] = server.stderr_lines
-    assert line.startswith(f"trio-socketserver: error: cannot listen on tcp 127.0.0.1:{port}: ")
+    # Named as it was run (python -m trio_socketserver), as its usage line names it.
+    prefix = "python -m trio_socketserver: error: cannot listen on tcp"
+    assert line.startswith(f"{prefix} 127.0.0.1:{port}: ")
     assert "already in use" in line
 
 

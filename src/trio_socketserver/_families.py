@@ -205,7 +205,6 @@ class _UnixPath:
     address_family: int = socket.AF_UNIX
     server_address: Any
     socket: socket.socket
-    socket_type: int
     socket_mode: int | None = None
     remove_stale_socket: bool = False
     _created: tuple[str, int, int] | None = None
@@ -233,7 +232,7 @@ class _UnixPath:
                 f"path exists and is not a socket: {os.fsdecode(path)!r}; "
                 "remove it or choose another path",
             )
-        if _someone_listens(path, self.socket_type):
+        if _someone_listens(path, self.socket.type):
             return  # binding fails with _address_in_use()
         if not self.remove_stale_socket:
             # EADDRINUSE, what bind() would raise: code that checks the errno sees the stdlib's.
@@ -243,9 +242,7 @@ class _UnixPath:
                 f"crashed left it behind): remove it (rm {os.fsdecode(path)}) and start again",
             )
         os.unlink(path)
-        LOGGER.warning(
-            "removed the stale socket file %s: nobody listened on it", os.fsdecode(path)
-        )
+        LOGGER.warning("removed the stale socket file %s: nobody listened on it", os.fsdecode(path))
 
     def _address_in_use(self) -> str:
         return (
