@@ -128,6 +128,9 @@ def test_server_class_carries_the_options() -> None:
     assert issubclass(unix_cls, trio_socketserver.UnixDatagramServer)
     assert not issubclass(unix_cls, trio_socketserver.ThreadingMixIn)
     assert unix_cls.remove_stale_socket  # type: ignore[attr-defined]
+    # Datagrams have no TIME-WAIT, and on Linux SO_REUSEADDR lets two UDP servers share a port.
+    assert not unix_cls.allow_reuse_address
+    assert not server_class(datagrams, Endpoint(V4, ("127.0.0.1", 0))).allow_reuse_address
     assert unix_cls.shutdown_grace == trio_socketserver.BaseServer.shutdown_grace
     # The class attributes of the engine stay untouched.
     assert trio_socketserver.ThreadingTCPServer.address_family == V4

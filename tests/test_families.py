@@ -148,6 +148,19 @@ def test_request_queue_size_is_the_listen_backlog() -> None:
         server.server_close()
 
 
+def test_allow_reuse_address_never_takes_a_port_someone_listens_on() -> None:
+    class Restartable(ts.TCPServer):
+        allow_reuse_address = True
+
+    first = Restartable(LOCALHOST, Echo)
+    try:
+        with pytest.raises(OSError) as caught:
+            Restartable(first.server_address, Echo)
+        assert caught.value.errno == errno.EADDRINUSE
+    finally:
+        first.server_close()
+
+
 # -- server_close -------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ from trio_socketserver._signals import describe_address
 SOCKET_TIMEOUT = 10.0
 
 V4, V6, UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
+
+
+class Echo(trio_socketserver.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
 
 # The README's one-liner, plus a line that shows what it returned.
 PROGRAM = """\
@@ -110,6 +118,26 @@ async def test_a_shutdown_from_elsewhere_ends_it_with_status_0() -> None:
         assert server.statistics().serving
         server.shutdown()
     assert statuses == [0]
+
+
+def test_it_runs_only_in_the_main_thread() -> None:
+    errors: list[BaseException] = []
+
+    def serve_in_a_thread() -> None:
+        async def main() -> None:
+            async with trio_socketserver.TCPServer(("127.0.0.1", 0), Echo) as server:
+                await trio_socketserver.serve_until_signal(server)
+
+        try:
+            trio.run(main)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve_in_a_thread)
+    thread.start()
+    thread.join(SOCKET_TIMEOUT)
+    [error] = errors
+    assert "main thread" in str(error)  # trio's own error: signals go to the main thread
 
 
 def test_describe_address() -> None:
