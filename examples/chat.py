@@ -10,6 +10,7 @@ client cannot stall, and clients that may leave at any moment, even mid-line.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 
 import trio
@@ -99,17 +100,25 @@ class ChatHandler(trio_socketserver.StreamRequestHandler):
 
 
 class ChatServer(trio_socketserver.TCPServer):
+    # A restart binds at once, though the last run's connections linger in TIME-WAIT.
+    allow_reuse_address = True
+
     def __init__(self, server_address: tuple[str, int]) -> None:
         super().__init__(server_address, ChatHandler)
         self.room = Room()
 
 
 async def main(host: str, port: int) -> None:
+    # This program handles the signals itself, to tell the room before it stops,
+    # so it uses the nursery-based form; trio_socketserver.serve_until_signal()
+    # (see echo.py) does the rest of this for programs with nothing to add.
+    # Take over Ctrl-C and SIGTERM before listening, so a signal can never
+    # arrive while nobody is there to turn it into a graceful shutdown.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with ChatServer((host, port)) as server, trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
             port = server.server_address[1]
-            print(f"serving chat on tcp {host}:{port} (Ctrl-C to stop)", flush=True)
+            logging.getLogger("chat").info("serving chat on tcp %s:%d (Ctrl-C to stop)", host, port)
             async for _ in signals:
                 break
             server.room.broadcast(b"* the server is shutting down\n", sender="")
@@ -121,4 +130,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     trio.run(main, args.host, args.port)

@@ -4,13 +4,15 @@
     nc 127.0.0.1 8000                    # type lines; they come back
 
 Ctrl-C or SIGTERM stops it gracefully: no new connections, and the open ones
-get the server's ``shutdown_grace`` seconds (5 by default) to finish.
+get the server's ``shutdown_grace`` seconds (5 by default) to finish; a second
+Ctrl-C stops it at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
+import sys
 
 import trio
 
@@ -27,24 +29,20 @@ class Echo(trio_socketserver.StreamRequestHandler):
             await self.wfile.write(line)
 
 
-async def main(host: str, port: int) -> None:
-    # Take over Ctrl-C and SIGTERM before listening, so a signal can never
-    # arrive while nobody is there to turn it into a graceful shutdown.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        # As in the stdlib, the constructor binds and listens: the real port
-        # (for --port 0) is known at once.
-        async with (
-            trio_socketserver.TCPServer((host, port), Echo) as server,
-            trio.open_nursery() as nursery,
-        ):
-            # start() returns once the server is accepting connections.
-            await nursery.start(server.serve_forever)
-            port = server.server_address[1]
-            print(f"serving echo on tcp {host}:{port} (Ctrl-C to stop)", flush=True)
-            async for _ in signals:  # wait for the first signal
-                break
-            # Returns at once; the nursery then waits while serve_forever drains.
-            server.shutdown()
+class Server(trio_socketserver.TCPServer):
+    # Restarting right after a stop must not fail with "address already in
+    # use": the connections of the last run linger in TIME-WAIT for a minute.
+    # (The library keeps the stdlib's default, False; http.server sets it too.)
+    allow_reuse_address = True
+
+
+async def main(host: str, port: int) -> int:
+    # As in the stdlib, the constructor binds and listens: the real port (for
+    # --port 0) is known at once. `async with` closes the server at the end.
+    async with Server((host, port), Echo) as server:
+        # Serves until Ctrl-C or SIGTERM, then shuts down gracefully and returns
+        # (logging where it serves and what the stop cost).
+        return await trio_socketserver.serve_until_signal(server)
 
 
 if __name__ == "__main__":
@@ -52,4 +50,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
     args = parser.parse_args()
-    trio.run(main, args.host, args.port)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(trio.run(main, args.host, args.port))

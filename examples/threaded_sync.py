@@ -12,7 +12,8 @@ on trio.
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
+import sys
 
 import trio
 
@@ -37,17 +38,13 @@ class Server(trio_socketserver.ThreadingTCPServer):
     # their sockets down, which ends blocked reads; daemon threads mean one
     # stuck elsewhere does not keep the process alive.
     daemon_threads = True
+    # A restart binds at once, though the last run's connections linger in TIME-WAIT.
+    allow_reuse_address = True
 
 
-async def main(host: str, port: int) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Server((host, port), Upper) as server, trio.open_nursery() as nursery:
-            await nursery.start(server.serve_forever)
-            port = server.server_address[1]
-            print(f"serving upper on tcp {host}:{port} (Ctrl-C to stop)", flush=True)
-            async for _ in signals:
-                break
-            server.shutdown()
+async def main(host: str, port: int) -> int:
+    async with Server((host, port), Upper) as server:
+        return await trio_socketserver.serve_until_signal(server)
 
 
 if __name__ == "__main__":
@@ -55,4 +52,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
     args = parser.parse_args()
-    trio.run(main, args.host, args.port)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(trio.run(main, args.host, args.port))

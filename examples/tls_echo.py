@@ -12,7 +12,7 @@ production) and prints the CA file a client must trust.
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
 import ssl
 import sys
 import tempfile
@@ -31,6 +31,11 @@ class Echo(trio_socketserver.StreamRequestHandler):
     async def handle(self) -> None:
         async for line in self.rfile:
             await self.wfile.write(line)
+
+
+class Server(trio_socketserver.TCPServer):
+    # A restart binds at once, though the last run's connections linger in TIME-WAIT.
+    allow_reuse_address = True
 
 
 def tls_context(args: argparse.Namespace, scratch: Path) -> ssl.SSLContext:
@@ -52,18 +57,9 @@ def tls_context(args: argparse.Namespace, scratch: Path) -> ssl.SSLContext:
     return context
 
 
-async def main(host: str, port: int, context: ssl.SSLContext) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with (
-            trio_socketserver.TCPServer((host, port), Echo, ssl_context=context) as server,
-            trio.open_nursery() as nursery,
-        ):
-            await nursery.start(server.serve_forever)
-            port = server.server_address[1]
-            print(f"serving tls echo on tcp+tls {host}:{port} (Ctrl-C to stop)", flush=True)
-            async for _ in signals:
-                break
-            server.shutdown()
+async def main(host: str, port: int, context: ssl.SSLContext) -> int:
+    async with Server((host, port), Echo, ssl_context=context) as server:
+        return await trio_socketserver.serve_until_signal(server)
 
 
 if __name__ == "__main__":
@@ -73,6 +69,10 @@ if __name__ == "__main__":
     parser.add_argument("--cert", help="PEM certificate (chain) of the server")
     parser.add_argument("--key", help="its PEM private key, if not in the --cert file")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # The throwaway CA file lives as long as the server does.
     with tempfile.TemporaryDirectory(prefix="tls_echo-") as scratch:
-        trio.run(main, args.host, args.port, tls_context(args, Path(scratch)))
+        status = trio.run(main, args.host, args.port, tls_context(args, Path(scratch)))
+    sys.exit(status)

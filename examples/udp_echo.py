@@ -7,7 +7,8 @@ nc -u 127.0.0.1 8000                 # each line you type is one datagram
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
+import sys
 
 import trio
 
@@ -27,17 +28,14 @@ class Server(trio_socketserver.UDPServer):
     # A larger datagram is truncated to this, as with the stdlib: a client
     # cannot make one request hold more memory than this.
     max_packet_size = 2048
+    # allow_reuse_address stays False here: datagrams have no TIME-WAIT to wait
+    # out, and on Linux SO_REUSEADDR would let a second instance bind this very
+    # port silently instead of failing with "address already in use".
 
 
-async def main(host: str, port: int) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Server((host, port), Echo) as server, trio.open_nursery() as nursery:
-            await nursery.start(server.serve_forever)
-            port = server.server_address[1]
-            print(f"serving udp echo on udp {host}:{port} (Ctrl-C to stop)", flush=True)
-            async for _ in signals:
-                break
-            server.shutdown()
+async def main(host: str, port: int) -> int:
+    async with Server((host, port), Echo) as server:
+        return await trio_socketserver.serve_until_signal(server)
 
 
 if __name__ == "__main__":
@@ -45,4 +43,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
     args = parser.parse_args()
-    trio.run(main, args.host, args.port)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(trio.run(main, args.host, args.port))

@@ -1,6 +1,6 @@
 # Shared by test_cli.py and test_examples.py: run a server program in a child
 # process, read the "serving ... on KIND ADDRESS (Ctrl-C to stop)" line it
-# prints once it listens, signal it, and collect its exit status and stderr.
+# logs (stderr) once it listens, signal it, and collect its exit status and stderr.
 # Every wait is bounded by a deadline; nothing sleeps to let the child start.
 # (The leak check these tests use is conftest.py's `no_leaks`.)
 from __future__ import annotations
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 20.0
 EXIT_TIMEOUT = 10.0
 
-SERVING = re.compile(r"^serving (?P<what>.+) on (?P<kind>\S+) (?P<where>.+) \(Ctrl-C to stop\)$")
+# After the log line's timestamp, level and logger name.
+SERVING = re.compile(r": serving (?P<what>.+?) on (?P<kind>\S+) (?P<where>.+) \(Ctrl-C to stop\)$")
 
 
 def ip_address(where: str) -> tuple[str, int]:
@@ -88,9 +89,9 @@ class ServerProcess:
                 )
 
     def serving(self) -> list[re.Match[str]]:
-        """Wait for the first "serving ..." line; return every one printed so far."""
-        self.wait_for_line(SERVING.pattern)
-        return [m for line in self.stdout_lines if (m := SERVING.match(line))]
+        """Wait for the first "serving ..." line; return every one logged so far."""
+        self.wait_for_line(SERVING.pattern, stream="stderr")
+        return [m for line in self.stderr_lines if (m := SERVING.search(line))]
 
     def address(self) -> tuple[str, int]:
         """The IP address of the first server the program announced."""

@@ -3,12 +3,15 @@
 # trio_socketserver`) in a child process, driven by stdlib clients and signals.
 from __future__ import annotations
 
+import base64
+import logging
 import math
 import signal
 import socket
 import ssl
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -21,17 +24,18 @@ from serving_process import (
     read_until,
 )
 from trio_socketserver import __main__ as cli_main
+from trio_socketserver.__main__ import ACCESS_LOGGER
 from trio_socketserver._cli import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     Config,
     Endpoint,
     UsageError,
-    describe,
-    forced_exit_status,
     load_config,
+    load_tls,
     parse_bind,
     parse_handler_spec,
+    parse_options,
     server_class,
 )
 from trio_socketserver._echo import DatagramEchoHandler, EchoHandler
@@ -86,17 +90,22 @@ def test_parse_handler_spec() -> None:
             parse_handler_spec(bad)
 
 
+def config_from(*argv: str) -> Config:
+    return load_config(parse_options(argv))
+
+
 def test_without_options_it_echoes_lines_on_loopback() -> None:
-    config = load_config([])
+    config = config_from()
     assert config.endpoints == (Endpoint(V4, (DEFAULT_HOST, DEFAULT_PORT)),)
     assert config.handler is EchoHandler
-    assert config.log_level == "INFO"
-    assert load_config(["--udp"]).handler is DatagramEchoHandler
+    options = parse_options([])
+    assert (options.log_level, options.access_log) == ("INFO", False)
+    assert config_from("--udp").handler is DatagramEchoHandler
 
 
 def test_unix_replaces_the_default_bind_and_binds_add_up() -> None:
-    assert load_config(["--unix", "/tmp/a.sock"]).endpoints == (Endpoint(UNIX, "/tmp/a.sock"),)
-    config = load_config(["--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--unix", "s"])
+    assert config_from("--unix", "/tmp/a.sock").endpoints == (Endpoint(UNIX, "/tmp/a.sock"),)
+    config = config_from("--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--unix", "s")
     assert [e.family for e in config.endpoints] == [V4, V6, UNIX]
 
 
@@ -113,33 +122,22 @@ def test_server_class_carries_the_options() -> None:
     assert cls.address_family == V6
     assert (cls.max_connections, cls.max_threads, cls.shutdown_grace) == (3, 3, 0.5)
     assert cls.daemon_threads
+    assert cls.allow_reuse_address  # a restart binds at once (TIME-WAIT)
     datagrams = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
     unix_cls = server_class(datagrams, Endpoint(UNIX, "x"))
     assert issubclass(unix_cls, trio_socketserver.UnixDatagramServer)
     assert not issubclass(unix_cls, trio_socketserver.ThreadingMixIn)
+    assert unix_cls.remove_stale_socket  # type: ignore[attr-defined]
+    # Datagrams have no TIME-WAIT, and on Linux SO_REUSEADDR lets two UDP servers share a port.
+    assert not unix_cls.allow_reuse_address
+    assert not server_class(datagrams, Endpoint(V4, ("127.0.0.1", 0))).allow_reuse_address
     assert unix_cls.shutdown_grace == trio_socketserver.BaseServer.shutdown_grace
     # The class attributes of the engine stay untouched.
     assert trio_socketserver.ThreadingTCPServer.address_family == V4
 
 
-def test_describe() -> None:
-    tcp = Config(endpoints=(), handler=EchoHandler)
-    assert describe(tcp, V4, ("127.0.0.1", 80)) == "tcp 127.0.0.1:80"
-    assert describe(tcp, V6, ("::1", 80, 0, 0)) == "tcp [::1]:80"
-    assert describe(tcp, UNIX, "/run/x.sock") == "unix /run/x.sock"
-    assert describe(tcp, UNIX, b"\0hidden") == r"unix '\x00hidden'"
-    udp = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
-    assert describe(udp, V4, ("127.0.0.1", 53)) == "udp 127.0.0.1:53"
-    assert describe(udp, UNIX, "/run/d.sock") == "unix-dgram /run/d.sock"
-
-
 def test_shutdown_grace_may_be_infinite() -> None:
-    assert load_config(["--shutdown-grace", "inf"]).shutdown_grace == math.inf
-
-
-def test_forced_exit_status_follows_the_shell_convention() -> None:
-    assert forced_exit_status(signal.SIGINT) == 130
-    assert forced_exit_status(signal.SIGTERM) == 143
+    assert config_from("--shutdown-grace", "inf").shutdown_grace == math.inf
 
 
 # -- one-line errors (in-process: nothing is served) --------------------------
@@ -180,7 +178,7 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
-        (["--tls-cert", "missing.pem"], "cannot load the TLS certificate and key (missing.pem)"),
+        (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
         (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
         (["--udp", "--tls-cert", "cert.pem"], "stream servers only; drop --udp"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -245,7 +243,7 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert "Traceback" not in server.stderr
-    assert "requests finished: 1, cut short: 0" in server.stderr
+    assert "requests finished: 1, failed: 0, cut short: 0" in server.stderr
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -267,7 +265,7 @@ def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
             assert client.recv(100) == b""
             assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
-    assert "requests finished: 0, cut short: 1" in server.stderr
+    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
 
 
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -305,13 +303,14 @@ def have_ipv6_loopback() -> bool:
 @pytest.mark.usefixtures("no_leaks")
 def test_several_binds_serve_together_and_stop_together() -> None:
     with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--bind", "[::1]:0") as server:
-        server.wait_for_line(r"on tcp \[::1\]:")  # both lines are printed once both listen
+        # Both lines are logged once both listen.
+        server.wait_for_line(r"on tcp \[::1\]:", stream="stderr")
         v4, v6 = server.serving()
         echo(ip_address(v4["where"]), b"four\n")
         echo(ip_address(v6["where"]), b"six\n", family=V6)
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
-    assert server.stderr.count("requests finished: 1, cut short: 0") == 2
+    assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0") == 2
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -410,7 +409,9 @@ def test_address_in_use_is_one_line_and_exit_2() -> None:
             assert server.wait() == 2
     assert server.stdout_lines == []
     [line] = server.stderr_lines
-    assert line.startswith(f"trio-socketserver: error: cannot listen on tcp 127.0.0.1:{port}: ")
+    # Named as it was run (python -m trio_socketserver), as its usage line names it.
+    prefix = "python -m trio_socketserver: error: cannot listen on tcp"
+    assert line.startswith(f"{prefix} 127.0.0.1:{port}: ")
     assert "already in use" in line
 
 
@@ -421,3 +422,322 @@ def test_bad_handler_through_the_real_entry_point() -> None:
     assert server.stdout_lines == []
     [line] = server.stderr_lines
     assert "no module named 'no_such_module_xyz'" in line
+
+
+# -- what a new user ran into (issue: the first ten minutes) ----------------
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_restart_on_the_same_port_right_after_a_stop_with_a_client_connected() -> None:
+    # The README's flow: a client connected (nc), Ctrl-C, start again at once. The server
+    # closes the connection first, so the port has a connection in TIME-WAIT.
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", "0") as first:
+        address = first.address()
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"connected\n")
+            assert read_until(client, b"\n") == b"connected\n"
+            first.send_signal(signal.SIGINT)
+            assert first.wait() == 0
+            assert client.recv(100) == b""  # the server closed it: TIME-WAIT is on its side
+    with ServerProcess(*CLI, "--bind", f"127.0.0.1:{address[1]}") as second:
+        assert second.address() == address
+        echo(address, b"served again\n")
+        second.send_signal(signal.SIGINT)
+        assert second.wait() == 0
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_socket_file_left_by_kill_9_is_replaced(unix_dir: Path) -> None:
+    path = unix_dir / "echo.sock"
+    with ServerProcess(*CLI, "--unix", str(path)) as crashed:
+        crashed.serving()
+        crashed.send_signal(signal.SIGKILL)
+        assert crashed.wait() == -signal.SIGKILL
+    assert path.is_socket()  # left behind: nobody listens on it
+    with ServerProcess(*CLI, "--unix", str(path)) as server:
+        server.serving()
+        with socket.socket(UNIX) as client:
+            client.settimeout(SOCKET_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"after the crash\n")
+            assert read_until(client, b"\n") == b"after the crash\n"
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert f"removed the stale socket file {path}: nobody listened on it" in server.stderr
+    assert not path.exists()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_socket_someone_listens_on_is_never_replaced(unix_dir: Path) -> None:
+    path = unix_dir / "echo.sock"
+    with ServerProcess(*CLI, "--unix", str(path)) as running:
+        running.serving()
+        with ServerProcess(*CLI, "--unix", str(path)) as second:
+            assert second.wait() == 2
+        [line] = second.stderr_lines
+        assert line.startswith(f"python -m trio_socketserver: error: cannot listen on unix {path}")
+        assert "another server listens on this socket" in line
+        assert "port" not in line  # TCP advice does not apply to a path
+        # The first server still owns its socket and serves on it.
+        with socket.socket(UNIX) as client:
+            client.settimeout(SOCKET_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"still mine\n")
+            assert read_until(client, b"\n") == b"still mine\n"
+        running.send_signal(signal.SIGINT)
+        assert running.wait() == 0
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_the_serving_line_is_logged_to_stderr_with_a_timestamp() -> None:
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0") as server:
+        server.serving()
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert server.stdout_lines == []
+    [line] = [line for line in server.stderr_lines if ": serving " in line]
+    # "2024-05-01 12:00:00,123 INFO trio_socketserver: serving EchoHandler on tcp ..."
+    date, time_of_day, level, logger = line.split()[:4]
+    assert len(date.split("-")) == 3 and len(time_of_day.split(":")) == 3
+    assert (level, logger) == ("INFO", "trio_socketserver:")
+
+
+ACCESS_HANDLER = """\
+import logging
+
+import trio_socketserver
+
+ACCESS = logging.getLogger("trio_socketserver.access")
+
+
+class Echo(trio_socketserver.StreamRequestHandler):
+    # Logs on the access logger as the engine does, so this test sees what the command
+    # line lets through, whatever the engine's line says.
+    async def handle(self):
+        async for line in self.rfile:
+            await self.wfile.write(line)
+        ACCESS.info("access line for %s", self.client_address[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "shown"),
+    [
+        ((), False),
+        (("--access-log",), True),
+        (("--log-level", "DEBUG"), True),
+    ],
+)
+@pytest.mark.usefixtures("no_leaks")
+def test_access_log_is_opt_in_and_part_of_debug(
+    tmp_path: Path, options: tuple[str, ...], shown: bool
+) -> None:
+    write_module(tmp_path, "access_handler", ACCESS_HANDLER)
+    args = ("--bind", "127.0.0.1:0", "--handler", "access_handler:Echo", *options)
+    with ServerProcess(*CLI, *args, cwd=tmp_path) as server:
+        echo(server.address(), b"one request\n")
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert ("access line for 127.0.0.1" in server.stderr) == shown
+
+
+def test_access_log_below_info_keeps_its_info_lines() -> None:
+    # --log-level WARNING --access-log: warnings, and the access lines too.
+    access = logging.getLogger(ACCESS_LOGGER)
+    try:
+        for level, access_log, expected in [
+            ("WARNING", True, logging.INFO),
+            ("WARNING", False, logging.WARNING),
+            ("ERROR", False, logging.ERROR),
+            ("DEBUG", False, logging.DEBUG),
+        ]:
+            logging.getLogger().setLevel(level)
+            cli_main.configure_logging(level, access_log=access_log)
+            assert access.getEffectiveLevel() == expected
+    finally:
+        access.setLevel(logging.NOTSET)
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_plaintext_client_on_a_tls_port_is_logged_as_a_failed_handshake(tmp_path: Path) -> None:
+    cert, key = tls_files(tmp_path)
+    args = ("--bind", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key))
+    with ServerProcess(*CLI, *args) as server:
+        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"hello in plaintext\n")
+            try:
+                assert client.recv(100) == b""
+            except ConnectionResetError:
+                pass  # the server ended it either way
+        server.wait_for_line("TLS handshake failed", stream="stderr")
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert "TLS handshake failed: [SSL: " in server.stderr
+    assert "BrokenResourceError" not in server.stderr
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_handler_module_that_fails_to_import_shows_its_traceback_at_debug(
+    tmp_path: Path,
+) -> None:
+    write_module(
+        tmp_path, "raises_on_import", "\n\nraise RuntimeError('database not configured')\n"
+    )
+    args = ("--handler", "raises_on_import:H")
+    with ServerProcess(*CLI, *args, "--log-level", "DEBUG", cwd=tmp_path) as debug:
+        assert debug.wait() == 2
+    assert "Traceback (most recent call last):" in debug.stderr
+    assert "raise RuntimeError('database not configured')" in debug.stderr
+    assert debug.stderr_lines[-1].startswith("python -m trio_socketserver: error: --handler ")
+    with ServerProcess(*CLI, *args, cwd=tmp_path) as quiet:
+        assert quiet.wait() == 2
+    [line] = quiet.stderr_lines
+    assert "RuntimeError: database not configured (at " in line
+
+
+FAILING_HANDLER = """\
+import trio_socketserver
+
+
+class Fails(trio_socketserver.StreamRequestHandler):
+    async def handle(self):
+        await self.rfile.readline()
+        raise ValueError("a bug in the handler")
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="engine: counts failed requests apart from finished")
+@pytest.mark.usefixtures("no_leaks")
+def test_stop_report_counts_failed_requests_apart(tmp_path: Path) -> None:
+    write_module(tmp_path, "failing_handler", FAILING_HANDLER)
+    args = ("--bind", "127.0.0.1:0", "--handler", "failing_handler:Fails")
+    with ServerProcess(*CLI, *args, cwd=tmp_path) as server:
+        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"boom\n")
+            assert client.recv(100) == b""
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert "ValueError: a bug in the handler" in server.stderr  # handle_error's traceback
+    assert "requests finished: 0, failed: 1, cut short: 0" in server.stderr
+
+
+# -- TLS files: which file, what is wrong -------------------------------------
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A certificate and its key, made by trustme, as PEM files in ``directory``."""
+    issued = trustme.CA().issue_cert("127.0.0.1")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    return cert, key
+
+
+def test_tls_files_that_fit_load(tmp_path: Path) -> None:
+    cert, key = tls_files(tmp_path)
+    assert load_tls(str(cert), str(key), udp=False) is not None
+    both = tmp_path / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    assert load_tls(str(both), None, udp=False) is not None
+
+
+def tls_mistake(tmp_path: Path, case: str) -> tuple[str, str | None, str]:
+    """``--tls-cert``, ``--tls-key`` and the error expected for one mistake a user makes."""
+    cert, key = tls_files(tmp_path)
+    if case == "key missing":
+        missing = tmp_path / "missing-key.pem"
+        return str(cert), str(missing), f"key file missing: {missing} (--tls-key)"
+    if case == "certificate missing":
+        missing = tmp_path / "missing.pem"
+        return str(missing), str(key), f"certificate file missing: {missing} (--tls-cert)"
+    if case == "certificate not PEM":
+        der = _der(cert)
+        return str(der), str(key), f"--tls-cert {der}: not a PEM certificate"
+    if case == "key not PEM":
+        der = _der(key)
+        return str(cert), str(der), f"--tls-key {der}: not a PEM private key"
+    if case == "swapped":
+        return str(key), str(cert), f"certificate and key swapped: {key} holds a private key"
+    if case == "another certificate's key":
+        (tmp_path / "other").mkdir()
+        _, other = tls_files(tmp_path / "other")
+        return str(cert), str(other), f"don't match: {other} is not the private key of"
+    if case == "encrypted key":
+        return str(cert), str(_encrypted(key)), f"--tls-key {key}: the key is encrypted"
+    if case == "no key given":
+        return str(cert), None, f"--tls-cert {cert} holds no private key; give the key file"
+    assert case == "a directory"
+    return str(tmp_path), str(key), f"--tls-cert {tmp_path}: cannot read the certificate file"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "key missing",
+        "certificate missing",
+        "certificate not PEM",
+        "key not PEM",
+        "swapped",
+        "another certificate's key",
+        "encrypted key",
+        "no key given",
+        "a directory",
+    ],
+)
+def test_tls_file_errors_name_the_file_and_the_problem(tmp_path: Path, case: str) -> None:
+    cert, key, message = tls_mistake(tmp_path, case)
+    with pytest.raises(UsageError) as raised:
+        load_tls(cert, key, udp=False)
+    assert message in str(raised.value)
+    assert "_ssl.c" not in str(raised.value)  # not OpenSSL's "[SSL] PEM lib (_ssl.c:3926)"
+    assert "\n" not in str(raised.value)
+
+
+def _der(pem: Path) -> Path:
+    """The same certificate or key in DER (binary) form: a real file that is not PEM."""
+    der = pem.with_name(pem.name + ".der")
+    body = b"".join(line for line in pem.read_bytes().splitlines() if not line.startswith(b"-"))
+    der.write_bytes(base64.b64decode(body))
+    return der
+
+
+def _encrypted(key: Path) -> Path:
+    """``key`` rewritten as a password-protected PEM key."""
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return key
+
+
+# -- naming ------------------------------------------------------------------
+
+
+def test_usage_names_the_program_as_it_was_run() -> None:
+    with ServerProcess(*CLI, "--help") as module_form:
+        assert module_form.wait() == 0
+    assert module_form.stdout_lines[0].startswith("usage: python -m trio_socketserver [-h]")
+    assert "python -m trio_socketserver --bind 127.0.0.1:0" in "\n".join(module_form.stdout_lines)
+    with ServerProcess(*CLI, "--frobnicate") as mistake:
+        assert mistake.wait() == 2
+    assert mistake.stderr_lines == [
+        "python -m trio_socketserver: error: unrecognized arguments: --frobnicate "
+        "(see python -m trio_socketserver --help)"
+    ]
+
+
+def test_the_package_exports_only_its_public_names() -> None:
+    public = {
+        name
+        for name in dir(trio_socketserver)
+        if not name.startswith("_")
+        and not isinstance(getattr(trio_socketserver, name), types.ModuleType)
+    }
+    assert "annotations" not in public
+    assert public == set(trio_socketserver.__all__)

@@ -132,3 +132,24 @@ def test_threaded_sync_serves_clients_at_the_same_time() -> None:
             second.sendall(b"two\n")
             assert read_until(second, b"\n") == b"TWO\n"
         stop(server)
+
+
+def port_in_time_wait() -> int:
+    """A loopback port that a server just served on and closed a connection first: the
+    kernel keeps that connection in TIME-WAIT (about a minute), as after a Ctrl-C with a
+    client connected."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port: int = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server side closes first: its end goes to TIME-WAIT
+            assert client.recv(1) == b""
+    return port
+
+
+@pytest.mark.parametrize("name", ["echo.py", "chat.py", "threaded_sync.py", "tls_echo.py"])
+def test_tcp_examples_restart_on_a_port_in_time_wait(name: str) -> None:
+    port = port_in_time_wait()
+    with ServerProcess(str(EXAMPLES / name), "--port", str(port)) as server:
+        assert server.address() == ("127.0.0.1", port)
+        stop(server)

@@ -67,7 +67,8 @@ class SyncEcho(ts.StreamRequestHandler):
             self.wfile.write(line)
 
 
-CLI = ["trio_socketserver", "--bind", "127.0.0.1:0", "--log-level", "WARNING"]
+# At the default log level: the "serving ..." line that says the port is an INFO log line.
+CLI = ["trio_socketserver", "--bind", "127.0.0.1:0"]
 # The soak's echo servers, with a handler timeout long enough to hold idle clients.
 SOAK_SERVER = [str(SOAK), "--peer-timeout", "60", "--serve"]
 DOORS = {
@@ -77,8 +78,12 @@ DOORS = {
     "compat-threads": [*SOAK_SERVER, "compat-threads"],
     "compat-forking": [*SOAK_SERVER, "compat-forking"],
 }
-# How each announces its port: the command line's "serving ..." line, the soak's bare port.
-ANNOUNCED_PORT = r"(?:^serving .* on tcp 127\.0\.0\.1:(\d+) \(Ctrl-C to stop\)|^(\d+))$"
+# How each announces its port: the command line's "serving ..." log line (stderr), the
+# soak's bare port (stdout).
+ANNOUNCED_PORT = {
+    "stderr": r": serving .* on tcp 127\.0\.0\.1:(\d+) \(Ctrl-C to stop\)$",
+    "stdout": r"^(\d+)$",
+}
 
 
 @contextlib.contextmanager
@@ -89,8 +94,9 @@ def door_server(
     stopped with SIGTERM (after the body closed its clients), which must end it with status
     0 and no traceback within ``stop_timeout`` seconds."""
     with ServerProcess("-c", LIMITED, str(nofile), *DOORS[door], cwd=TESTS) as proc:
-        match = proc.wait_for_line(ANNOUNCED_PORT)
-        yield proc, ("127.0.0.1", int(match[1] or match[2]))
+        stream = "stderr" if DOORS[door][0] == "trio_socketserver" else "stdout"
+        match = proc.wait_for_line(ANNOUNCED_PORT[stream], stream=stream)
+        yield proc, ("127.0.0.1", int(match[1]))
         proc.send_signal(signal.SIGTERM)
         try:
             proc.proc.wait(stop_timeout)  # then wait() only collects the output

@@ -148,6 +148,19 @@ def test_request_queue_size_is_the_listen_backlog() -> None:
         server.server_close()
 
 
+def test_allow_reuse_address_never_takes_a_port_someone_listens_on() -> None:
+    class Restartable(ts.TCPServer):
+        allow_reuse_address = True
+
+    first = Restartable(LOCALHOST, Echo)
+    try:
+        with pytest.raises(OSError) as caught:
+            Restartable(first.server_address, Echo)
+        assert caught.value.errno == errno.EADDRINUSE
+    finally:
+        first.server_close()
+
+
 # -- server_close -------------------------------------------------------------------------
 
 
@@ -204,14 +217,97 @@ def test_unix_symlink_at_the_path_is_neither_followed_nor_replaced(unix_dir: Pat
     assert not os.path.lexists(target)
 
 
-def test_unix_stale_socket_file_is_in_use_not_removed(unix_dir: Path) -> None:
+def stale_socket_file(path: str, kind: int = socket.SOCK_STREAM) -> None:
+    """Leave a socket file nobody listens on at ``path``, as a crashed server does."""
+    with socket.socket(socket.AF_UNIX, kind) as old:
+        old.bind(path)
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [(ts.UnixStreamServer, socket.SOCK_STREAM), (ts.UnixDatagramServer, socket.SOCK_DGRAM)],
+)
+def test_unix_stale_socket_file_is_refused_with_how_to_remove_it(
+    unix_dir: Path, family: Any, kind: int
+) -> None:
     path = str(unix_dir / "stale.sock")
-    with socket.socket(socket.AF_UNIX) as old:
-        old.bind(path)  # a socket file nobody listens on, as a crashed server leaves
+    stale_socket_file(path, kind)
     with pytest.raises(OSError) as caught:
-        ts.UnixStreamServer(path, Echo)
-    assert caught.value.errno == errno.EADDRINUSE
-    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        family(path, Echo)
+    assert caught.value.errno == errno.EADDRINUSE  # what the stdlib's bind() raises
+    assert caught.value.strerror == (
+        f"stale socket file: {path!r}; nobody listens on it (a server that crashed left it "
+        f"behind): remove it (rm {path}) and start again"
+    )
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)  # not removed unless asked
+
+
+async def test_unix_stale_socket_file_is_replaced_when_asked(
+    unix_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Replacing(ts.UnixStreamServer):
+        remove_stale_socket = True
+
+    path = str(unix_dir / "stale.sock")
+    stale_socket_file(path)
+    with trio.fail_after(5):
+        async with serving(Replacing(path, Echo)):
+            assert await unix_echo_once(path) == b"ping\n"  # a connect to the stale file fails
+    assert f"removed the stale socket file {path}: nobody listened on it" in caplog.text
+
+
+@pytest.mark.parametrize("remove_stale_socket", [False, True])
+def test_unix_socket_someone_listens_on_is_never_removed(
+    unix_dir: Path, remove_stale_socket: bool
+) -> None:
+    class Server(ts.UnixStreamServer):
+        pass
+
+    Server.remove_stale_socket = remove_stale_socket
+    path = str(unix_dir / "live.sock")
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(path)
+        live.listen()
+        inode = os.lstat(path).st_ino
+        with pytest.raises(OSError) as caught:
+            Server(path, Echo)
+        assert caught.value.errno == errno.EADDRINUSE
+        assert caught.value.strerror == (
+            f"address already in use: {path!r}; another server listens on this socket: "
+            "stop it or choose another path"
+        )
+        assert os.lstat(path).st_ino == inode
+        # Its owner still takes connections on it.
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            live.accept()[0].close()
+
+
+def test_unix_socket_with_a_full_backlog_counts_as_listened_on(unix_dir: Path) -> None:
+    class Replacing(ts.UnixStreamServer):
+        remove_stale_socket = True
+
+    path = str(unix_dir / "busy.sock")
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(path)
+        busy.listen(0)
+        waiting = []
+        try:
+            # Fill the backlog: a further connect would block (EAGAIN when non-blocking).
+            for _ in range(16):
+                client = socket.socket(socket.AF_UNIX)
+                waiting.append(client)
+                client.setblocking(False)
+                try:
+                    client.connect(path)
+                except BlockingIOError:
+                    break
+            with pytest.raises(OSError, match="another server listens"):
+                Replacing(path, Echo)
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        finally:
+            for client in waiting:
+                client.close()
 
 
 def test_server_close_removes_only_the_file_it_created(unix_dir: Path) -> None:

@@ -1274,7 +1274,7 @@ CLI_DOORS = {
     "async": ["--handler", "test_reliability:AsyncLines"],
     "threads": ["--handler", "test_reliability:SyncLines", "--threading"],
 }
-STOP_REPORT = r"stopped serving on .*: requests finished: (\d+), cut short: (\d+)"
+STOP_REPORT = r"stopped serving on .*: requests finished: (\d+), failed: (\d+), cut short: (\d+)"
 
 
 @pytest.mark.parametrize("door", sorted(CLI_DOORS))
@@ -1304,14 +1304,14 @@ def test_sigterm_under_load_through_the_cli_loses_no_accepted_request(door: str)
                 thread.join(CLIENT_TIMEOUT)
         assert not any(thread.is_alive() for thread in threads)
     assert status == 0, proc.stderr
-    finished, cut = map(int, proc.wait_for_line(STOP_REPORT, stream="stderr").groups())
+    finished, failed, cut = map(int, proc.wait_for_line(STOP_REPORT, stream="stderr").groups())
     print(
         f"\ncli {door}: {len(record.answered)} answered, {len(record.lost)} lost, "
         f"SIGTERM to exit {took:.3f} s"
     )
     assert record.lost == {}
     assert record.answered.keys() == record.greeted.keys()
-    assert (finished, cut) == (len(record.greeted), 0)
+    assert (finished, failed, cut) == (len(record.greeted), 0, 0)
     assert took < grace
 
 

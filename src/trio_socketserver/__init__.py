@@ -6,8 +6,8 @@ reusable thread (a sync ``handle``). See ``trio_socketserver.compat`` for the
 blocking drop-in replacement of the stdlib module.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: nothing is annotated, and it would put
+# `annotations` among the package's public names (dir(trio_socketserver)).
 from ._families import TCPServer as TCPServer
 from ._families import ThreadingTCPServer as ThreadingTCPServer
 from ._families import ThreadingUDPServer as ThreadingUDPServer
@@ -26,6 +26,7 @@ from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
 from ._server import BaseServer as BaseServer
 from ._server import ServerStatistics as ServerStatistics
+from ._signals import serve_until_signal as serve_until_signal
 from ._streams import IncompleteReadError as IncompleteReadError
 from ._streams import StreamReader as StreamReader
 from ._streams import StreamWriter as StreamWriter
@@ -54,4 +55,5 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "serve_until_signal",
 ]

@@ -1,9 +1,10 @@
 # The command line's decisions, without its I/O: parsing options and addresses,
 # loading the handler class and TLS files, choosing the server class for each
 # endpoint, and the words and exit statuses it answers with. Nothing here opens
-# a socket, waits for a signal or configures logging (that is __main__.py), so
-# every rule is unit-testable. Every mistake a user can make on the command
-# line becomes a UsageError: one line saying what is wrong and what to do.
+# a socket, waits for a signal or configures logging (that is __main__.py, and
+# serving until a signal is _signals.py), so every rule is unit-testable. Every
+# mistake a user can make on the command line becomes a UsageError: one line
+# saying what is wrong and what to do.
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import importlib
 import importlib.metadata
 import ipaddress
 import os
+import re
 import socket
 import socketserver
 import ssl
@@ -36,6 +38,8 @@ from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequest
 from ._server import BaseServer
 
 PROG = "trio-socketserver"
+"""The program's name as the console script; ``python -m trio_socketserver`` names itself so."""
+MODULE_PROG = "python -m trio_socketserver"
 # Loopback unless told otherwise: starting a demo server must not expose a port
 # to the network by surprise.
 DEFAULT_HOST = "127.0.0.1"
@@ -51,17 +55,8 @@ EXIT_USAGE = 2
 """Could not start: a bad option, handler, address or TLS file (argparse's convention)."""
 
 
-def forced_exit_status(signum: int) -> int:
-    """Exit status after a second signal stopped the server at once.
-
-    128 + the signal's number, the shell's convention for "ended by signal N"
-    (130 for SIGINT, 143 for SIGTERM), so supervisors and scripts can tell a
-    cut-short stop from a clean one.
-    """
-    return 128 + signum
-
-
-EPILOG = f"""\
+def epilog(prog: str) -> str:
+    return f"""\
 Handlers: MODULE:CLASS names a request handler class, imported from the
 current directory or the Python path. Its handle() may be async (one task per
 request) or sync (one request at a time; with --threading one thread each).
@@ -70,6 +65,12 @@ Stream handlers serve TCP and --unix; with --udp, datagram handlers.
 Stopping: SIGINT (Ctrl-C) or SIGTERM stops accepting and gives in-flight
 requests --shutdown-grace seconds, then cancels them; a second signal stops
 at once. Handler threads are daemon threads: none keeps the process alive.
+TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
+a Unix socket file left by a crashed server (nobody listens on it) is replaced.
+
+Logging: to stderr, one line per event. --access-log adds one line per
+connection (logger trio_socketserver.access, INFO); --log-level DEBUG shows it
+too, and the traceback behind a handler module that fails to import.
 
 Exit status:
   {EXIT_OK}        stopped gracefully after a signal
@@ -79,11 +80,13 @@ Exit status:
   130/143  stopped at once by a second signal (128 + its number: SIGINT, SIGTERM)
 
 Examples:
-  {PROG}                          line echo on {DEFAULT_HOST}:{DEFAULT_PORT}
-  {PROG} --bind 127.0.0.1:0 --bind [::1]:0
-                                             free ports, IPv4 and IPv6
-  {PROG} --udp --bind 127.0.0.1:9999   datagram echo
-  {PROG} --handler app:Handler --threading --max-connections 64
+  {prog}
+      line echo on {DEFAULT_HOST}:{DEFAULT_PORT}
+  {prog} --bind 127.0.0.1:0 --bind [::1]:0
+      free ports, IPv4 and IPv6
+  {prog} --udp --bind 127.0.0.1:9999
+      datagram echo
+  {prog} --handler app:Handler --threading --max-connections 64
 """
 
 
@@ -113,7 +116,6 @@ class Config:
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     ssl_context: ssl.SSLContext | None = None
-    log_level: str = "INFO"
 
 
 def parse_bind(text: str) -> Endpoint:
@@ -191,13 +193,14 @@ def load_handler(text: str, *, udp: bool) -> type[Any]:
             ) from None
         raise UsageError(
             f"--handler {text}: importing {module_name!r} failed: {_one_line(exc)}"
-        ) from None
+        ) from exc
     # Any exception from the user's module is reported, not re-raised: the
-    # promise is one line saying where it broke, not a traceback.
+    # promise is one line saying where it broke, not a traceback. The exception stays the
+    # UsageError's cause: --log-level DEBUG shows its traceback.
     except Exception as exc:
         raise UsageError(
             f"--handler {text}: importing {module_name!r} failed: {_one_line(exc)}"
-        ) from None
+        ) from exc
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -247,7 +250,10 @@ def load_tls(cert: str | None, key: str | None, *, udp: bool) -> ssl.SSLContext 
 
     ``--tls-key`` may be left out when the certificate file holds the key too.
     Errors: ``UsageError`` for a key without a certificate, TLS with ``--udp``
-    (no DTLS), and files that are missing or do not hold a matching pair.
+    (no DTLS), and files that are missing, unreadable, not PEM, swapped,
+    encrypted, or a certificate and key that do not belong together, each
+    naming the file and what is wrong with it (OpenSSL's own errors name
+    neither: ``[SSL] PEM lib (_ssl.c:3926)``).
     """
     if cert is None:
         if key is not None:
@@ -255,14 +261,76 @@ def load_tls(cert: str | None, key: str | None, *, udp: bool) -> ssl.SSLContext 
         return None
     if udp:
         raise UsageError("--tls-cert works with stream servers only; drop --udp")
+    cert_labels = _pem_labels(cert, "--tls-cert", "certificate")
+    key_labels = cert_labels if key is None else _pem_labels(key, "--tls-key", "key")
+    if key is not None and _holds_key(cert_labels) and "CERTIFICATE" in key_labels:
+        raise UsageError(
+            f"certificate and key swapped: {cert} holds a private key and {key} a certificate; "
+            f"use --tls-cert {key} --tls-key {cert}"
+        )
+    if "CERTIFICATE" not in cert_labels:
+        raise UsageError(
+            f"--tls-cert {cert}: not a PEM certificate (no '-----BEGIN CERTIFICATE-----' line)"
+        )
+    if not _holds_key(key_labels):
+        if key is None:
+            raise UsageError(
+                f"--tls-cert {cert} holds no private key; give the key file with --tls-key"
+            )
+        raise UsageError(
+            f"--tls-key {key}: not a PEM private key (no '-----BEGIN PRIVATE KEY-----' line)"
+        )
+    key_file = cert if key is None else key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(cert, key)
-    except OSError as exc:  # ssl.SSLError is an OSError too
+        # A password callback, or OpenSSL would prompt on the terminal for an encrypted key.
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    except _EncryptedKey:
+        raise UsageError(
+            f"--tls-key {key_file}: the key is encrypted (password protected); give an "
+            f"unencrypted key, e.g. from: openssl pkey -in {key_file} -out plain-key.pem"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise UsageError(
+                f"the certificate and key don't match: {key_file} is not the private key "
+                f"of the certificate in {cert}"
+            ) from None
         files = cert if key is None else f"{cert} / {key}"
-        reason = exc.strerror or str(exc)
-        raise UsageError(f"cannot load the TLS certificate and key ({files}): {reason}") from None
+        raise UsageError(
+            f"cannot load the TLS certificate and key ({files}): {exc.reason or exc}"
+        ) from None
     return context
+
+
+# The labels of PEM blocks ("CERTIFICATE", "PRIVATE KEY", "EC PRIVATE KEY", ...).
+_PEM_LABEL = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$", re.MULTILINE)
+# A certificate chain is a few kilobytes; reading no more bounds a wrong file given by mistake.
+_MAX_PEM_BYTES = 1 << 20
+
+
+def _pem_labels(path: str, option: str, what: str) -> set[str]:
+    """The PEM block labels in ``path``; ``UsageError`` if it is missing or unreadable."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_MAX_PEM_BYTES)
+    except FileNotFoundError:
+        raise UsageError(f"{what} file missing: {path} ({option})") from None
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read the {what} file: {exc.strerror}") from None
+    return {label.decode() for label in _PEM_LABEL.findall(data)}
+
+
+def _holds_key(labels: set[str]) -> bool:
+    return any(label.endswith("PRIVATE KEY") for label in labels)
+
+
+class _EncryptedKey(Exception):
+    """Raised by the password callback: the key needs a password the CLI does not take."""
+
+
+def _refuse_password() -> str:
+    raise _EncryptedKey
 
 
 def _positive_int(text: str) -> int:
@@ -292,18 +360,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (no usage block) raised as UsageError."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {PROG} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG,
+        prog=prog,
         description="Serve a socketserver-style request handler on trio.\n"
         f"Without options: a line echo on {DEFAULT_HOST}:{DEFAULT_PORT}.",
-        epilog=EPILOG,
+        epilog=epilog(prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = parser.add_argument_group("where to listen")
@@ -357,7 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         default="INFO",
         metavar="LEVEL",
-        help=f"log to stderr from this level on: {', '.join(LOG_LEVELS)} (default: INFO)",
+        help=f"log to stderr from this level on: {', '.join(LOG_LEVELS)} (default: INFO); "
+        "DEBUG includes the access log",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per connection: peer, duration, bytes, outcome",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return parser
@@ -370,13 +444,21 @@ def version() -> str:
         return "(not installed: running from a source tree)"
 
 
-def load_config(argv: Sequence[str] | None = None) -> Config:
-    """Parse the command line, import the handler and read the TLS files.
+def parse_options(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    """Parse the command line (nothing is imported or read yet: logging can be set up first).
 
     Errors: ``UsageError`` for every mistake; ``SystemExit(0)`` for
     ``--help`` and ``--version``, as argparse does.
     """
-    options = build_parser().parse_args(argv)
+    return build_parser(prog).parse_args(argv)
+
+
+def load_config(options: argparse.Namespace) -> Config:
+    """Import the handler and read the TLS files that ``options`` name.
+
+    Errors: ``UsageError`` for every mistake; one raised for a handler module
+    that failed to import has that exception as its ``__cause__``.
+    """
     endpoints = list(options.bind)
     endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
     if not endpoints:
@@ -393,7 +475,6 @@ def load_config(argv: Sequence[str] | None = None) -> Config:
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
-        log_level=options.log_level,
     )
 
 
@@ -415,12 +496,21 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
     base = _SERVER_CLASSES[(endpoint.family == socket.AF_UNIX, config.udp, config.threading)]
     settings: dict[str, Any] = {
         "address_family": endpoint.family,
+        # A restart binds at once, although connections of the previous run linger in
+        # TIME-WAIT (http.server sets it too); it never takes a port someone listens on.
+        # Not for datagrams: they have no TIME-WAIT, and on Linux SO_REUSEADDR would let a
+        # second server bind the same UDP port silently instead of failing.
+        "allow_reuse_address": not config.udp,
         # The process exits after stopping: a sync handler stuck outside socket
         # I/O (which the engine releases) must not keep it alive after a
         # forced stop, so handler threads are daemons and nobody waits for
         # them past the grace.
         "daemon_threads": True,
     }
+    if endpoint.family == socket.AF_UNIX:
+        # A socket file a crashed run left behind (nobody listens on it) is replaced, with a
+        # warning; one a live server listens on never is.
+        settings["remove_stale_socket"] = True
     if config.max_connections is not None:
         settings["max_connections"] = config.max_connections
         if config.threading:
@@ -428,25 +518,3 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
     return type(base.__name__, (base,), settings)
-
-
-def describe(config: Config, family: int, address: Any) -> str:
-    """How an address is shown: ``tcp 127.0.0.1:8000``, ``udp [::1]:53``, ``unix /run/x.sock``."""
-    tls = config.ssl_context is not None
-    if family == socket.AF_UNIX:
-        kind = "unix-dgram" if config.udp else "unix+tls" if tls else "unix"
-        path = os.fsdecode(address)
-        # A Linux abstract name starts with NUL: show it escaped, as repr does.
-        return f"{kind} {path!r}" if path.startswith("\0") else f"{kind} {path}"
-    kind = "udp" if config.udp else "tcp+tls" if tls else "tcp"
-    host, port = address[0], address[1]
-    if family == socket.AF_INET6:
-        return f"{kind} [{host}]:{port}"
-    return f"{kind} {host}:{port}"
-
-
-def serving_line(config: Config, family: int, address: Any) -> str:
-    """The line printed for each server once it listens; people and tests read it."""
-    return (
-        f"serving {config.handler.__name__} on {describe(config, family, address)} (Ctrl-C to stop)"
-    )

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from ._engine import reject_async_hooks
-from ._server import BaseServer, engine_of
+from ._server import LOGGER, BaseServer, engine_of
 from ._threading import ThreadingMixIn
 
 # Hooks the constructor calls: they must be plain functions (a constructor cannot await).
@@ -78,11 +78,7 @@ class TCPServer(BaseServer):
             self.socket.bind(self.server_address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise OSError(
-                    errno.EADDRINUSE,
-                    f"address already in use: {self.server_address!r}; stop the server "
-                    "listening there or choose another address (port 0 picks a free one)",
-                ) from exc
+                raise OSError(errno.EADDRINUSE, _address_in_use(self)) from exc
             raise
         self.server_address = self.socket.getsockname()
 
@@ -163,12 +159,19 @@ class _UnixPath:
     ``server_close()``, and nothing else is. ``socket_mode`` (e.g. ``0o600``)
     sets the file's permissions right after binding; ``None`` leaves them to
     the process umask, as the stdlib does.
+
+    A socket file nobody listens on (a connect is refused: the server that
+    made it crashed or was killed) is *stale*. By default binding refuses it
+    with an error that says so and how to remove it; with
+    ``remove_stale_socket = True`` it is removed (logged as a warning) and
+    the server binds. A socket file someone listens on is never removed.
     """
 
     address_family: int = socket.AF_UNIX
     server_address: Any
     socket: socket.socket
     socket_mode: int | None = None
+    remove_stale_socket: bool = False
     __created: tuple[str, int, int] | None = None
 
     def server_bind(self) -> None:
@@ -194,6 +197,17 @@ class _UnixPath:
                 f"path exists and is not a socket: {os.fsdecode(path)!r}; "
                 "remove it or choose another path",
             )
+        if _someone_listens(path, self.socket.type):
+            return  # binding fails with EADDRINUSE, see _address_in_use()
+        if not self.remove_stale_socket:
+            # EADDRINUSE, what bind() would raise: code that checks the errno sees the stdlib's.
+            raise OSError(
+                errno.EADDRINUSE,
+                f"stale socket file: {os.fsdecode(path)!r}; nobody listens on it (a server that "
+                f"crashed left it behind): remove it (rm {os.fsdecode(path)}) and start again",
+            )
+        os.unlink(path)
+        LOGGER.warning("removed the stale socket file %s: nobody listened on it", os.fsdecode(path))
 
     def __record_path(self) -> None:
         path = self.server_address
@@ -216,6 +230,36 @@ class _UnixPath:
         # Remove only the very socket file we created, not one that replaced it.
         if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
             os.unlink(path)
+
+
+def _address_in_use(server: TCPServer) -> str:
+    """The message of the ``EADDRINUSE`` error: what is taken and what to do."""
+    if server.address_family == socket.AF_UNIX:
+        return (
+            f"address already in use: {os.fsdecode(server.server_address)!r}; another server "
+            "listens on this socket: stop it or choose another path"
+        )
+    return (
+        f"address already in use: {server.server_address!r}; stop the server listening "
+        "there or choose another address (port 0 picks a free one)"
+    )
+
+
+def _someone_listens(path: str | bytes | os.PathLike[Any], socket_type: int) -> bool:
+    """Whether a server has the Unix socket at ``path`` open: only a refused connect says no.
+
+    Non-blocking, so a live server with a full backlog answers "busy" (yes) at once; a
+    socket we may not connect to, or one of another type, counts as someone's.
+    """
+    with socket.socket(socket.AF_UNIX, socket_type) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(os.fspath(path))
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True
+    return True
 
 
 def _is_abstract(path: str | bytes | os.PathLike[Any]) -> bool:

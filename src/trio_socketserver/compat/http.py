@@ -1,6 +1,7 @@
 # `python -m trio_socketserver.compat.http`: the stdlib's `python -m http.server`, unmodified,
 # with compat installed first, so the same command line and the same handler serve a directory
-# on the trio engine. Nothing happens on import; main() does the work.
+# on the trio engine. Nothing happens on import; main() does the work. Only the words of its
+# --help are ours: they say which program this is, since the stdlib's would say `server.py`.
 """Serve a directory over HTTP, as ``python -m http.server`` does, on the trio engine.
 
 Usage: ``python -m trio_socketserver.compat.http [--bind ADDR] [--directory DIR] [port]``
@@ -10,10 +11,20 @@ Ctrl-C stops it.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import runpy
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from ._install import install
+
+PROG = "python -m trio_socketserver.compat.http"
+DESCRIPTION = (
+    "Serve a directory over HTTP: the standard library's http.server command line "
+    "(the same options), running on trio-socketserver's trio engine."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +40,33 @@ def main(argv: list[str] | None = None) -> None:
     install()
     if argv is not None:
         sys.argv[1:] = argv
-    runpy.run_module("http.server", run_name="__main__", alter_sys=True)
+    with _named_parser():
+        runpy.run_module("http.server", run_name="__main__", alter_sys=True)
+
+
+@contextlib.contextmanager
+def _named_parser() -> Iterator[None]:
+    """The next argument parser built (the stdlib's, in its main block) names this program
+    and says what it is.
+
+    The stdlib builds it with neither, so argparse would name it after the file it runs
+    (``usage: server.py``). Only that one parser is affected: the first construction puts
+    argparse back as it was.
+    """
+    parser_class = argparse.ArgumentParser
+    stdlib_init = parser_class.__init__
+
+    def init(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser_class.__init__ = stdlib_init  # type: ignore[method-assign]
+        kwargs.setdefault("prog", PROG)
+        kwargs.setdefault("description", DESCRIPTION)
+        stdlib_init(self, *args, **kwargs)
+
+    parser_class.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        parser_class.__init__ = stdlib_init  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
