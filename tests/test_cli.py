@@ -606,7 +606,6 @@ class Fails(trio_socketserver.StreamRequestHandler):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="engine: counts failed requests apart from finished")
 @pytest.mark.usefixtures("no_leaks")
 def test_stop_report_counts_failed_requests_apart(tmp_path: Path) -> None:
     write_module(tmp_path, "failing_handler", FAILING_HANDLER)
