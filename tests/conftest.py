@@ -19,6 +19,9 @@ import trio.testing
 
 from trio_socketserver import BaseServer
 
+# pytester runs small test suites against the package's pytest plugin (tests/test_testing.py).
+pytest_plugins = ["pytester"]
+
 T = TypeVar("T")
 ServerT = TypeVar("ServerT", bound=BaseServer)
 

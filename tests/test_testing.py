@@ -270,3 +270,64 @@ async def test_run_datagram_handler_records_direct_sendto() -> None:
     run = await run_datagram_handler(Echo2, b"hi", client_address=("127.0.0.1", 4000))
     assert run.sent == [(b"hi", ("127.0.0.1", 4000)), (b"hi", ("127.0.0.1", 9))]
     assert run.replies == [b"hi"]
+
+
+# -- the pytest plugin ------------------------------------------------------------------------
+
+LEAKY_SUITE = """
+import socket
+import threading
+
+import trio_socketserver as ts
+from trio_socketserver.testing import open_client
+
+release = threading.Event()
+
+
+class LeavesAThread(ts.StreamRequestHandler):
+    async def handle(self):
+        threading.Thread(target=release.wait, args=(5,), name="left").start()
+        await self.wfile.write(b"done\\n")
+
+
+async def test_leaky(serve):
+    # A thread still alive at teardown is a leak at once (the default waits 5 s for it).
+    server = await serve(ts.TCPServer(("127.0.0.1", 0), LeavesAThread), thread_exit_timeout=0)
+    async with await open_client(server) as client:
+        assert await client.receive_line() == b"done\\n"
+
+
+def test_leaky_blocking(serve_in_thread):
+    server = serve_in_thread(ts.TCPServer(("127.0.0.1", 0), LeavesAThread), thread_exit_timeout=0)
+    with socket.create_connection(server.server_address, timeout=5) as client:
+        assert client.makefile("rb").readline() == b"done\\n"
+
+
+async def test_clean(serve, no_leaks):
+    await serve(ts.TCPServer(("127.0.0.1", 0), LeavesAThread))  # no client: no thread
+
+
+def teardown_module():
+    release.set()
+"""
+
+
+def test_plugin_fixtures_fail_a_test_whose_server_leaks_a_thread(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_suite=LEAKY_SUITE)
+    result = pytester.runpytest_subprocess("-q")
+    # Each leaky test fails at teardown, where the fixture checks (pytest-trio reports a
+    # trio fixture's teardown error as the test's failure, pytest a sync one's as an error
+    # after the body passed).
+    result.assert_outcomes(passed=2, failed=1, errors=1)
+    assert result.stdout.str().count("left resources behind: threads still running: ['left']") == 2
+
+
+def test_plugin_is_harmless_when_unused(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-q")
+    result.assert_outcomes(passed=1)
+    # It is loaded (by its entry point), and it can be turned off like any plugin.
+    assert pytester.runpytest_subprocess("-q", "-p", "no:trio_socketserver").ret == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -34,25 +34,29 @@ def no_leaks() -> Iterator[None]:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[ServerT], Awaitable[ServerT]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """``server = await serve(TCPServer(...))``: serve until the test ends (pytest-trio).
 
-    Each server runs under :func:`~trio_socketserver.testing.serving`, so at teardown it is
-    shut down, closed and leak-checked; a leak fails the test there.
+    Each server runs under :func:`~trio_socketserver.testing.serving` (keyword arguments
+    are passed on to it), so at teardown it is shut down, closed and leak-checked; a leak
+    fails the test there.
     """
     stop = trio.Event()
 
     async def serve_until_stop(
-        server: BaseServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        server: BaseServer,
+        options: dict[str, Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with serving(server):
+        async with serving(server, **options):
             task_status.started()
             await stop.wait()
 
     async with trio.open_nursery() as nursery:
 
-        async def start(server: ServerT) -> ServerT:
-            await nursery.start(serve_until_stop, server)
+        async def start(server: ServerT, **options: Any) -> ServerT:
+            await nursery.start(serve_until_stop, server, options)
             return server
 
         yield start
@@ -60,12 +64,13 @@ async def serve() -> AsyncIterator[Callable[[ServerT], Awaitable[ServerT]]]:
 
 
 @pytest.fixture
-def serve_in_thread() -> Iterator[Callable[[ServerT], ServerT]]:
+def serve_in_thread() -> Iterator[Callable[..., Any]]:
     """``server = serve_in_thread(compat.TCPServer(...))``: serve on a thread until the
-    test ends, for tests without trio; stopped, closed and leak-checked at teardown."""
+    test ends, for tests without trio; stopped, closed and leak-checked at teardown
+    (keyword arguments go to :func:`~trio_socketserver.testing.serving_in_thread`)."""
     with ExitStack() as stack:
 
-        def start(server: ServerT) -> ServerT:
-            return stack.enter_context(serving_in_thread(server))
+        def start(server: ServerT, **options: Any) -> ServerT:
+            return stack.enter_context(serving_in_thread(server, **options))
 
         yield start
