@@ -32,3 +32,10 @@ napoleon_custom_sections = [
 
 html_theme = "furo"
 html_title = "trio-socketserver"
+
+# compat resolves its Forking* names on first use (so threading servers never load the
+# worker pool); resolve them all now so that autodoc sees every name in compat.__all__.
+from trio_socketserver import compat  # noqa: E402
+
+for _name in compat.__all__:
+    getattr(compat, _name)
