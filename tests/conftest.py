@@ -1,14 +1,13 @@
-# Shared test fixtures and helpers: the leak check every server test ends with, short Unix
-# socket paths, stdlib clients run on real threads, and small stream-reading helpers.
-# Helpers are plain functions (imported as `from conftest import ...`); fixtures are opt-in
-# (`pytestmark = pytest.mark.usefixtures("no_leaks")`) so other test files are unaffected.
+# Shared test fixtures and helpers: short Unix socket paths, stdlib clients run on real
+# threads, and small stream-reading helpers. Helpers are plain functions (imported as
+# `from conftest import ...`). The leak check every server test ends with is the package's
+# own pytest plugin's `no_leaks` fixture (trio_socketserver.testing), opt-in per file:
+# `pytestmark = pytest.mark.usefixtures("no_leaks")`.
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,80 +18,22 @@ import trio
 import trio.testing
 
 from trio_socketserver import BaseServer
+from trio_socketserver._threading import HANDLER_THREAD_PREFIX
+
+# pytester runs small test suites against the package's pytest plugin (tests/test_testing.py).
+pytest_plugins = ["pytester"]
 
 T = TypeVar("T")
 ServerT = TypeVar("ServerT", bound=BaseServer)
 
-# How long the leak check waits for a thread a test started to exit. A thread that is
-# still alive after this is a leak (the engine promises none outlives serve_forever()).
-THREAD_EXIT_TIMEOUT = 5.0
 # The most bytes a helper reads while looking for one line: a broken server that never
 # sends b"\n" fails the test instead of filling memory.
 MAX_LINE = 65536
-# Threads trio keeps idle in its process-wide cache for trio.to_thread; they are trio's
-# pool (daemon, reused, exit after 10 s idle), not threads a server leaked.
-TRIO_CACHE_THREAD_PREFIX = "Trio thread"
-
-
-def _open_fds() -> dict[int, str]:
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # the fd listdir itself used, already closed
-    return fds
-
-
-def _children() -> set[int]:
-    children: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                children.update(int(pid) for pid in f.read().split())
-        except FileNotFoundError:
-            pass  # the thread exited while we looked
-    return children
-
-
-# The name a handler thread has while it runs handler code (trio names its worker thread
-# after the job, then back to "Trio thread N" once the job returns).
-HANDLER_THREAD_PREFIX = "trio_socketserver handler"
 
 
 def runs_handler_code(thread: threading.Thread) -> bool:
     """Whether ``thread`` is running a server's handler code right now."""
     return thread.is_alive() and thread.name.startswith(HANDLER_THREAD_PREFIX)
-
-
-def _threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if not t.name.startswith(TRIO_CACHE_THREAD_PREFIX)}
-
-
-@pytest.fixture
-def no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves open fds, threads or child processes behind.
-
-    It is a sync fixture, so the snapshots are taken outside ``trio.run``: trio's own
-    fds (epoll, wakeup socketpair) are counted neither before nor after. Threads the
-    test started are joined (bounded) before counting, so a thread on its way out is
-    waited for, never slept for.
-    """
-    fds, threads, children = _open_fds(), _threads(), _children()
-    yield
-    deadline = time.monotonic() + THREAD_EXIT_TIMEOUT
-    for thread in _threads() - threads:
-        # A trio worker thread outlives its job: wait for the job (its name says), not for it.
-        while runs_handler_code(thread) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if not thread.name.startswith(HANDLER_THREAD_PREFIX):
-            thread.join(max(0.0, deadline - time.monotonic()))
-    leaked_threads = [t.name for t in _threads() - threads]
-    assert not leaked_threads, f"threads left running: {leaked_threads}"
-    now = _open_fds()
-    leaked_fds = {fd: target for fd, target in now.items() if fds.get(fd) != target}
-    assert len(now) == len(fds), f"fds: {len(fds)} before, {len(now)} after; new: {leaked_fds}"
-    assert _children() <= children, f"child processes left: {_children() - children}"
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import trio
 import trustme
 
 import trio_socketserver as ts
-from conftest import connect, in_thread, receive_all, receive_line, serving
+from conftest import connect, in_thread, receive_all
+from trio_socketserver.testing import open_client, serving
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -94,11 +95,13 @@ async def test_tls_echo_with_a_trio_client(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, AsyncEcho, ssl_context=server_context)) as s:
-            raw = await connect(s)
-            async with trio.SSLStream(raw, client_context, server_hostname="localhost") as tls:
-                await tls.send_all(b"trio\n")
-                assert await receive_line(tls) == b"trio\n"
+        server = ts.TCPServer(LOCALHOST, AsyncEcho, ssl_context=server_context)
+        async with (
+            serving(server),
+            await open_client(server, ssl_context=client_context, server_hostname="localhost") as c,
+        ):
+            await c.send_all(b"trio\n")
+            assert await c.receive_line() == b"trio\n"
 
 
 async def plaintext_client(server: Any) -> bytes:

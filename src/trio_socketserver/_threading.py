@@ -16,6 +16,9 @@ import trio
 T = TypeVar("T")
 LOGGER = logging.getLogger("trio_socketserver")
 
+# What a trio worker thread is called while it runs a request's handler code (trio gives it
+# back its own name, "Trio thread N", once the request returns).
+HANDLER_THREAD_PREFIX = "trio_socketserver handler"
 # Threads cannot be cancelled. When a stop cuts a request whose thread is still running, the
 # engine shuts its connection down so blocked socket I/O returns; a thread that has still not
 # returned this many seconds later is abandoned (logged), so a stop stays bounded.
@@ -86,7 +89,7 @@ async def run_in_thread(
             on_thread,
             limiter=limiter,
             abandon_on_cancel=True,
-            thread_name=f"trio_socketserver handler for {who!r}",
+            thread_name=f"{HANDLER_THREAD_PREFIX} for {who!r}",
         )
     except trio.Cancelled:
         if not finished.is_set():
