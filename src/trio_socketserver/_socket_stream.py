@@ -11,10 +11,6 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-# A receive that the kernel answers at once skips trio's scheduler, which is what makes
-# request/response traffic cheap; every this many such receives in a row the task yields
-# anyway, so a handler reading a fast peer cannot starve the others.
-FAST_RECEIVES_BEFORE_YIELD = 16
 # What receive_some asks for when the caller gives no size (trio.SocketStream's default).
 DEFAULT_RECEIVE_SIZE = 65536
 
@@ -43,16 +39,16 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
     Same behaviour as :class:`trio.SocketStream` on that socket, faster:
 
     - ``receive_some`` calls ``recv()`` first and registers a wait with the kernel only when
-      nothing is there; an answered receive yields to the scheduler only every
-      :data:`FAST_RECEIVES_BEFORE_YIELD` calls.
+      nothing is there.
     - ``send_all`` yields once the data is handed to the kernel, so by the time the task runs
-      again its peer has usually answered and the next receive finds data.
+      again its peer has usually answered and the next receive finds data instead of
+      registering a wait (what makes request/response traffic cheap).
 
     ``bytes_received`` and ``bytes_sent`` count what crossed this stream.
 
     Cancellation:
-      Every call checks for cancellation *before* it takes data from or gives data to the
-      kernel, never after: a cancelled ``receive_some`` has consumed nothing, and a
+      Every call is a checkpoint, and checks for cancellation *before* it takes data from or
+      gives data to the kernel, never after: a cancelled ``receive_some`` has consumed nothing, and a
       ``send_all`` in an already-cancelled scope sends nothing. ``send_all`` cancelled while
       waiting for the peer to accept more may have sent part of the data (as trio's).
 
@@ -70,7 +66,6 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self.bytes_received = 0
         self.bytes_sent = 0
-        self._answered_in_a_row = 0
         self._eof_sent = False
         self._receiving = _Busy("another task is already receiving on this connection")
         self._sending = _Busy("another task is already sending on this connection")
@@ -91,16 +86,15 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
                     raise _stream_error(exc) from exc
                 else:
                     self.bytes_received += len(data)
-                    self._answered_in_a_row += 1
-                    if self._answered_in_a_row >= FAST_RECEIVES_BEFORE_YIELD:
-                        self._answered_in_a_row = 0
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 await self._wait(trio.lowlevel.wait_readable)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._sending:
             await trio.lowlevel.checkpoint_if_cancelled()
+            if self.socket.fileno() == -1:
+                raise trio.ClosedResourceError("the connection was already closed")
             if self._eof_sent:
                 raise trio.ClosedResourceError("can't send data after sending EOF")
             with memoryview(data) as view:
@@ -146,7 +140,6 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
         # Called outside the ``except BlockingIOError`` block on purpose: waiting inside it
         # would keep the exception and its traceback alive for as long as the peer is idle,
         # about 0.5 KiB for every idle connection.
-        self._answered_in_a_row = 0
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("the connection was already closed")
         try:
