@@ -108,9 +108,11 @@ async def test_peer_errors_in_a_handler_nursery_are_one_info_line(
             raise ConnectionResetError("peer went away")
 
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, TwoReaders)) as server:
-            async with await connect(server) as client:
-                assert await receive_all(client) == b""
+        async with (
+            serving(ts.TCPServer(LOCALHOST, TwoReaders)) as server,
+            await connect(server) as client,
+        ):
+            assert await receive_all(client) == b""
     [record] = [r for r in caplog.records if r.name == "trio_socketserver"]
     assert (record.levelname, record.exc_info) == ("INFO", None)
 

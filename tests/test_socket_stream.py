@@ -124,6 +124,5 @@ async def test_two_handler_tasks_writing_one_wfile_get_busy_resource_error() -> 
                 await trio.testing.wait_all_tasks_blocked()
                 while await client.receive_some(1 << 20):  # drain until the server closes
                     pass
-    [group] = errors
-    assert isinstance(group, BaseExceptionGroup)
-    assert any(isinstance(e, trio.BusyResourceError) for e in group.exceptions)
+    [group] = errors  # the handler's nursery: the second writer was refused
+    assert any(isinstance(e, trio.BusyResourceError) for e in getattr(group, "exceptions", []))

@@ -47,9 +47,9 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
     ``bytes_received`` and ``bytes_sent`` count what crossed this stream.
 
     Cancellation:
-      Every call is a checkpoint, and checks for cancellation *before* it takes data from or
-      gives data to the kernel, never after: a cancelled ``receive_some`` has consumed nothing, and a
-      ``send_all`` in an already-cancelled scope sends nothing. ``send_all`` cancelled while
+      Every call is a checkpoint, and checks for cancellation *before* it takes data from
+      or gives data to the kernel, never after: a cancelled ``receive_some`` has consumed
+      nothing, and a ``send_all`` in an already-cancelled scope sends nothing. ``send_all`` cancelled while
       waiting for the peer to accept more may have sent part of the data (as trio's).
 
     Errors:
