@@ -82,11 +82,11 @@ async def test_a_cancelled_handler_read_loses_no_bytes() -> None:
             await self.wfile.write(b"done\n")
 
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, Patient)) as server:
-            async with await connect(server) as client:
-                await client.send_all(b"whole line\n")  # on loopback: in the server's buffer
-                sent.set()
-                assert await receive_line(client) == b"done\n"
+        server = ts.TCPServer(LOCALHOST, Patient)
+        async with serving(server), await connect(server) as client:
+            await client.send_all(b"whole line\n")  # on loopback: in the server's buffer
+            sent.set()
+            assert await receive_line(client) == b"done\n"
     assert results == [b"whole line\n"]
 
 
@@ -99,9 +99,9 @@ async def test_a_handler_write_in_a_cancelled_scope_reaches_no_one() -> None:
             await self.wfile.write(b"only this\n")
 
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, Careful)) as server:
-            async with await connect(server) as client:
-                assert await receive_line(client) == b"only this\n"
+        server = ts.TCPServer(LOCALHOST, Careful)
+        async with serving(server), await connect(server) as client:
+            assert await receive_line(client) == b"only this\n"
 
 
 async def test_two_handler_tasks_writing_one_wfile_get_busy_resource_error() -> None:
@@ -119,10 +119,10 @@ async def test_two_handler_tasks_writing_one_wfile_get_busy_resource_error() -> 
                 errors.append(exc)
 
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, TwoWriters)) as server:
-            async with await connect(server) as client:
-                await trio.testing.wait_all_tasks_blocked()
-                while await client.receive_some(1 << 20):  # drain until the server closes
-                    pass
+        server = ts.TCPServer(LOCALHOST, TwoWriters)
+        async with serving(server), await connect(server) as client:
+            await trio.testing.wait_all_tasks_blocked()
+            while await client.receive_some(1 << 20):  # drain until the server closes
+                pass
     [group] = errors  # the handler's nursery: the second writer was refused
     assert any(isinstance(e, trio.BusyResourceError) for e in getattr(group, "exceptions", []))

@@ -49,8 +49,9 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
     Cancellation:
       Every call is a checkpoint, and checks for cancellation *before* it takes data from
       or gives data to the kernel, never after: a cancelled ``receive_some`` has consumed
-      nothing, and a ``send_all`` in an already-cancelled scope sends nothing. ``send_all`` cancelled while
-      waiting for the peer to accept more may have sent part of the data (as trio's).
+      nothing, and a ``send_all`` in an already-cancelled scope sends nothing. A
+      ``send_all`` cancelled while waiting for the peer to accept more may have sent part
+      of the data (as trio's).
 
     Errors:
       As :class:`trio.SocketStream`: :exc:`trio.ClosedResourceError` once closed,
