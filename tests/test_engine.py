@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import socket
 import socketserver as stdlib_socketserver
 import subprocess
@@ -373,3 +374,23 @@ def test_every_hook_named_in_the_async_rule_exists() -> None:
 
     for name in SYNC_REQUEST_HOOKS:
         assert inspect.isfunction(getattr(ts.ThreadingTCPServer, name)), name
+
+
+async def test_access_log_is_one_line_per_request_once_enabled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    access = logging.getLogger("trio_socketserver.access")
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, AsyncEcho)) as server:
+            assert await echo(server) == b"ping\n"  # root at INFO: still silent
+            await trio.testing.wait_all_tasks_blocked()  # that request has ended
+            access.setLevel(logging.INFO)
+            try:
+                assert await echo(server, b"logged\n") == b"logged\n"
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                access.setLevel(logging.NOTSET)
+    [line] = [r.getMessage() for r in caplog.records if r.name == access.name]
+    assert " finished in " in line
+    assert line.endswith("7 bytes in, 7 bytes out")

@@ -27,9 +27,16 @@ from ._socket_stream import SocketFastStream
 from ._threading import ThreadingMixIn, record_failure, run_in_thread
 
 LOGGER = logging.getLogger("trio_socketserver")
-# One line per request, at INFO: peer, outcome, duration and bytes. Off unless the
-# application's logging configuration (or the CLI's --access-log) turns it on.
+# One line per request, at INFO: peer, outcome, duration and bytes. Opt-in: written only when
+# this logger's own level is set (the CLI's --access-log does), never merely inherited, so an
+# application whose root logger is at INFO does not start logging every request (a blocking
+# logging handler, e.g. an HTTPHandler, would then run on the trio thread for each one).
 ACCESS_LOG = logging.getLogger("trio_socketserver.access")
+
+
+def _access_log_enabled() -> bool:
+    return ACCESS_LOG.level != logging.NOTSET and ACCESS_LOG.isEnabledFor(logging.INFO)
+
 
 # Accept failures that mean "the process or system is out of something"; the
 # pending connection stays in the backlog, so we back off and try again.
@@ -496,7 +503,7 @@ class Engine:
             self._active -= 1
             if not slot.on_thread:
                 slot.give_back()
-            if ACCESS_LOG.isEnabledFor(logging.INFO):
+            if _access_log_enabled():
                 _log_access(client_address, outcome, trio.current_time() - started, connection)
 
     def _open_connection(self, request: Any) -> Connection | None:
