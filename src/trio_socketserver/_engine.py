@@ -352,17 +352,22 @@ class Engine:
         ThreadingMixIn, ``max_children`` with ForkingMixIn's pool, else one at a time.
         """
         server = self.server
-        if is_async_handler(server.RequestHandlerClass):
-            limit = server.max_connections
-        elif isinstance(server, ThreadingMixIn):
-            limit = server.max_threads
-        else:
-            limit = getattr(server, "max_children", 1)
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"request limit must be a positive int or None, not {limit!r}")
         grace = server.shutdown_grace
         if grace is not None and not grace >= 0:
             raise ValueError(f"shutdown_grace must be >= 0 seconds or None, not {grace!r}")
+        if is_async_handler(server.RequestHandlerClass):
+            name = "max_connections"
+        elif isinstance(server, ThreadingMixIn):
+            name = "max_threads"
+        elif hasattr(server, "max_children"):
+            name = "max_children"
+        else:
+            return 1
+        limit: int | None = getattr(server, name)
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, not {limit!r}")
         return limit
 
     async def _serve_requests(self, requests: _Requests) -> None:
