@@ -8,6 +8,7 @@ import io
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -54,7 +55,14 @@ def stepped_clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
 
 
 def handler_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD_PREFIX)]
+    """Threads running handler code, once those whose request just returned got trio's name
+    back (trio renames a worker thread a moment after its job returns)."""
+    deadline = time.monotonic() + THREAD_WAIT
+    while True:
+        running = [t for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD_PREFIX)]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.001)
 
 
 class Held:
