@@ -165,19 +165,3 @@ class ThreadSignal:
 
     async def wait(self) -> None:
         await self.event.wait()
-
-
-# Tests written for the engine's former handler-thread pool (IDLE_THREAD_TIMEOUT, joins by
-# thread object, failure counts): to be rewritten for trio.to_thread threads; see issue 17.
-PENDING_THREAD_REWRITE = (
-    "test_handler_threads_of_a_burst_do_not_outstay_it",
-    "test_handle_error_that_raises_is_logged_and_serving_goes_on[native-threads]",
-    "test_thread_that_never_returns_does_not_hold_shutdown",
-    "test_plugin_fixtures_fail_a_test_whose_server_leaks_a_thread",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(item.name.startswith(name) for name in PENDING_THREAD_REWRITE):
-            item.add_marker(pytest.mark.xfail(reason="pending rewrite for trio.to_thread threads"))
