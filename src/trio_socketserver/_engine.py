@@ -212,7 +212,6 @@ class _Run:
     loops: trio.CancelScope = attrs.Factory(trio.CancelScope)
     stop_requested: bool = False
     finished: threading.Event = attrs.Factory(threading.Event)
-    stopped: trio.Event = attrs.Factory(trio.Event)
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -225,6 +224,9 @@ class _Requests:
 
     nursery: trio.Nursery
     limiter: trio.CapacityLimiter
+    # Whether get_request() may only be called once the socket is readable (see
+    # Engine.stdlib_manners); decided once per run, not per accept.
+    readable_first: bool
     slot: CapacitySlot | None = None  # the place of the request being dispatched
 
 
@@ -237,11 +239,11 @@ class Engine:
     """The machinery behind one server; see the module comment."""
 
     server: Any
-    tls_from_server: bool = True
-    """Whether the server's ``ssl_context`` attribute is the engine's (compat: the user's)."""
     stdlib_manners: bool = False
-    """compat: an overriding get_request() is called only once the socket is readable, and
-    an OSError from it costs that request only, as in the stdlib."""
+    """compat's: an overriding get_request() is called only once the socket is readable,
+    and an OSError from it costs that request only, as in the stdlib; the server's
+    ``ssl_context`` attribute is the user's (stdlib subclasses use that name for their own
+    context), so the engine does no TLS."""
     run: _Run | None = None
     _shutdown_pending: bool = False
     _lock: threading.Lock = attrs.Factory(threading.Lock)
@@ -290,14 +292,13 @@ class Engine:
         finally:
             self.run = None
             run.finished.set()
-            run.stopped.set()
 
     async def handle_request(self) -> None:
         self.check_can_serve()
         timeout = self.server.timeout
         async with self._open_requests() as requests:
             with trio.move_on_after(math.inf if timeout is None else timeout) as waited:
-                request, client_address = await self._get_request()
+                request, client_address = await self._get_request(requests)
             if waited.cancelled_caught:
                 await call_hook(self.server.handle_timeout)
                 return
@@ -338,7 +339,8 @@ class Engine:
             sock.setblocking(False)
         try:
             async with trio.open_nursery() as nursery:
-                self._requests = _Requests(nursery, limiter)
+                readable_first = self.stdlib_manners and not _engine_get_request(server)
+                self._requests = _Requests(nursery, limiter, readable_first)
                 yield self._requests
         finally:
             self._requests = None
@@ -378,7 +380,7 @@ class Engine:
             # effect before the next accept even under a flood of clients.
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()
-                request, client_address = await self._get_request()
+                request, client_address = await self._get_request(requests)
             except BaseException:
                 slot.give_back()
                 raise
@@ -412,13 +414,12 @@ class Engine:
                 requests.slot = None
                 slot.give_back()
 
-    async def _get_request(self) -> tuple[Any, Any]:
+    async def _get_request(self, requests: _Requests) -> tuple[Any, Any]:
         """get_request(), waiting until the socket is readable; survives fd exhaustion."""
         server = self.server
-        wait_first = self.stdlib_manners and not _engine_get_request(server)
         while True:
             try:
-                if wait_first:
+                if requests.readable_first:
                     await trio.lowlevel.wait_readable(server.socket)
                 request: tuple[Any, Any] = await call_hook(server.get_request)
                 return request
@@ -518,7 +519,7 @@ class Engine:
             return None
         fast = SocketFastStream(request)
         server = self.server
-        context = getattr(server, "ssl_context", None) if self.tls_from_server else None
+        context = None if self.stdlib_manners else getattr(server, "ssl_context", None)
         if context is None:
             token = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(request)), fast)
             _connection.set(token)
@@ -550,7 +551,7 @@ class Engine:
 
     def blocking_request(self, request: Any) -> Any:
         """A sync handler's ``self.request``; runs on its thread (TLS handshakes there)."""
-        context = getattr(self.server, "ssl_context", None) if self.tls_from_server else None
+        context = None if self.stdlib_manners else getattr(self.server, "ssl_context", None)
         if context is None or not isinstance(request, socket.socket):
             return request
         # wrap_socket() moves the fd into a new object, out of reach of the engine's release
@@ -691,10 +692,7 @@ class Engine:
         run = self.run
         if run is not None:
             self.shutdown()
-            if run.token is trio.lowlevel.current_trio_token():
-                await run.stopped.wait()
-            else:
-                await trio.to_thread.run_sync(run.finished.wait, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(run.finished.wait, abandon_on_cancel=True)
         self._closed = True
 
     def join_abandoned_threads(self, timeout: float | None) -> None:

@@ -143,14 +143,10 @@ class BaseServer(_server.BaseServer):
 
 
 def _with_stdlib_manners(server: _server.BaseServer) -> None:
-    engine = engine_of(server)
-    # An overriding get_request() is called only once the socket is readable (one that logs
-    # its errors never sees a spurious BlockingIOError), and an OSError from it costs that
-    # request only, as the stdlib ignores it.
-    engine.stdlib_manners = True
-    # Stdlib subclasses use the name ssl_context for their own context (werkzeug's dev server
-    # wraps its listening socket and stores it there): the engine must not do TLS with it.
-    engine.tls_from_server = False
+    # An overriding get_request() is called only once the socket is readable, an OSError from
+    # it costs that request only, and the ssl_context attribute is the user's (werkzeug's dev
+    # server wraps its listening socket and stores its context there): see Engine.
+    engine_of(server).stdlib_manners = True
 
 
 def _sole_exception(error: BaseException) -> BaseException:
