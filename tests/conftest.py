@@ -4,7 +4,9 @@
 # (`pytestmark = pytest.mark.usefixtures("no_leaks")`) so other test files are unaffected.
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import tempfile
 import threading
@@ -28,6 +30,8 @@ THREAD_EXIT_TIMEOUT = 5.0
 # The most bytes a helper reads while looking for one line: a broken server that never
 # sends b"\n" fails the test instead of filling memory.
 MAX_LINE = 65536
+# How long serving_on_thread() waits for serve_forever() to return after shutdown().
+SERVE_FOREVER_EXIT_TIMEOUT = 5.0
 # Threads trio keeps idle in its process-wide cache for trio.to_thread; they are trio's
 # pool (daemon, reused, exit after 10 s idle), not threads a server leaked.
 TRIO_CACHE_THREAD_PREFIX = "Trio thread"
@@ -43,7 +47,8 @@ def _open_fds() -> dict[int, str]:
     return fds
 
 
-def _children() -> set[int]:
+def child_processes() -> set[int]:
+    """Pids of this process's children (forked by any of its threads)."""
     children: set[int] = set()
     for task in os.listdir("/proc/self/task"):
         try:
@@ -67,7 +72,7 @@ def no_leaks() -> Iterator[None]:
     test started are joined (bounded) before counting, so a thread on its way out is
     waited for, never slept for.
     """
-    fds, threads, children = _open_fds(), _threads(), _children()
+    fds, threads, children = _open_fds(), _threads(), child_processes()
     yield
     for thread in _threads() - threads:
         thread.join(THREAD_EXIT_TIMEOUT)
@@ -76,7 +81,32 @@ def no_leaks() -> Iterator[None]:
     now = _open_fds()
     leaked_fds = {fd: target for fd, target in now.items() if fds.get(fd) != target}
     assert len(now) == len(fds), f"fds: {len(fds)} before, {len(now)} after; new: {leaked_fds}"
-    assert _children() <= children, f"child processes left: {_children() - children}"
+    assert child_processes() <= children, f"child processes left: {child_processes() - children}"
+
+
+def wait_for_exit(pids: set[int], timeout: float) -> set[int]:
+    """Wait (pidfd, no polling) until every pid has exited; returns those still running."""
+    remaining = set()
+    fds = {}
+    for pid in pids:
+        try:
+            fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pass  # gone already
+    try:
+        for pid, fd in fds.items():
+            if not _readable(fd, timeout):
+                remaining.add(pid)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return remaining
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 @pytest.fixture
@@ -100,6 +130,23 @@ async def serving(server: ServerT) -> AsyncIterator[ServerT]:
         await nursery.start(server.serve_forever)
         yield server
         server.shutdown()
+
+
+@contextlib.contextmanager
+def serving_on_thread(server: Any, poll_interval: float | None = 0.5) -> Iterator[threading.Thread]:
+    """Run a blocking ``server.serve_forever()`` (compat's, the stdlib's) on a thread, as
+    their users do; shut down, join and close on the way out."""
+    thread = threading.Thread(
+        target=server.serve_forever, args=(poll_interval,), name="test serve_forever"
+    )
+    thread.start()
+    try:
+        yield thread
+    finally:
+        server.shutdown()
+        thread.join(SERVE_FOREVER_EXIT_TIMEOUT)
+        server.server_close()
+    assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
 
 
 async def connect(server: Any) -> trio.SocketStream:
