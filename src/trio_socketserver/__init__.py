@@ -21,6 +21,8 @@ from ._forking import ForkingTCPServer as ForkingTCPServer
 from ._forking import ForkingUDPServer as ForkingUDPServer
 from ._forking import ForkingUnixDatagramServer as ForkingUnixDatagramServer
 from ._forking import ForkingUnixStreamServer as ForkingUnixStreamServer
+from ._forking import ForkSafetyError as ForkSafetyError
+from ._forking import ForkSafetyWarning as ForkSafetyWarning
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
@@ -35,6 +37,8 @@ __all__ = [
     "BaseRequestHandler",
     "BaseServer",
     "DatagramRequestHandler",
+    "ForkSafetyError",
+    "ForkSafetyWarning",
     "ForkingMixIn",
     "ForkingTCPServer",
     "ForkingUDPServer",
