@@ -206,9 +206,7 @@ class Pool:
 
     def checkin(self, worker: Worker) -> None:
         if self.closing:
-            self.workers.discard(worker)
-            _close(worker.sock)
-            self._leave(worker)
+            self._drop(worker)  # it exits on EOF; the fork server reaps it as it stops
         else:
             self.idle.append(worker)
             self.idle_sockets.register(worker.sock, select.POLLIN)
@@ -234,8 +232,7 @@ class Pool:
         except PoolError:
             pass  # the fork server is gone; whoever inherits the worker reaps it
         finally:
-            _close(worker.sock)
-            self._leave(worker)
+            self._drop(worker)
             self.freed.unpark()  # its fds are free: a waiting request may start a worker
         return status
 
@@ -248,9 +245,7 @@ class Pool:
         for worker in [w for w in self.idle if w.sock.fileno() in gone]:
             self.idle.remove(worker)
             self.idle_sockets.unregister(worker.sock)
-            self.workers.discard(worker)
-            _close(worker.sock)
-            self._leave(worker)
+            self._drop(worker)
 
     def set_draining(self) -> None:
         """``shutdown()`` was called: ``shutdown_requested`` is now true in the workers.
@@ -284,7 +279,11 @@ class Pool:
         self.on_start(worker.pid)
         return worker
 
-    def _leave(self, worker: Worker) -> None:
+    def _drop(self, worker: Worker) -> None:
+        """Out of the pool: its socket closed, its slot free, its pid out of
+        ``active_children``. Idempotent for the socket; called once per worker."""
+        self.workers.discard(worker)
+        _close(worker.sock)
         self.free_slots.append(worker.slot)
         self.on_end(worker.pid)
 
