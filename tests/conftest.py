@@ -5,6 +5,9 @@
 # `pytestmark = pytest.mark.usefixtures("no_leaks")`.
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import shutil
 import tempfile
 import threading
@@ -19,6 +22,7 @@ import trio.testing
 
 from trio_socketserver import BaseServer
 from trio_socketserver._threading import HANDLER_THREAD_PREFIX
+from trio_socketserver.testing._leaks import ResourceSnapshot
 
 # pytester runs small test suites against the package's pytest plugin (tests/test_testing.py).
 pytest_plugins = ["pytester"]
@@ -30,10 +34,43 @@ ServerT = TypeVar("ServerT", bound=BaseServer)
 # sends b"\n" fails the test instead of filling memory.
 MAX_LINE = 65536
 
+# How long serving_on_thread() waits for serve_forever() to return after shutdown().
+SERVE_FOREVER_EXIT_TIMEOUT = 5.0
+
 
 def runs_handler_code(thread: threading.Thread) -> bool:
     """Whether ``thread`` is running a server's handler code right now."""
     return thread.is_alive() and thread.name.startswith(HANDLER_THREAD_PREFIX)
+
+
+def child_processes() -> set[int]:
+    """Pids of this process's children (forked by any of its threads)."""
+    return set(ResourceSnapshot.take().children)
+
+
+def wait_for_exit(pids: set[int], timeout: float) -> set[int]:
+    """Wait (pidfd, no polling) until every pid has exited; returns those still running."""
+    remaining = set()
+    fds = {}
+    for pid in pids:
+        try:
+            fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pass  # gone already
+    try:
+        for pid, fd in fds.items():
+            if not _readable(fd, timeout):
+                remaining.add(pid)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return remaining
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 @pytest.fixture
@@ -57,6 +94,23 @@ async def serving(server: ServerT) -> AsyncIterator[ServerT]:
         await nursery.start(server.serve_forever)
         yield server
         server.shutdown()
+
+
+@contextlib.contextmanager
+def serving_on_thread(server: Any, poll_interval: float | None = 0.5) -> Iterator[threading.Thread]:
+    """Run a blocking ``server.serve_forever()`` (compat's, the stdlib's) on a thread, as
+    their users do; shut down, join and close on the way out."""
+    thread = threading.Thread(
+        target=server.serve_forever, args=(poll_interval,), name="test serve_forever"
+    )
+    thread.start()
+    try:
+        yield thread
+    finally:
+        server.shutdown()
+        thread.join(SERVE_FOREVER_EXIT_TIMEOUT)
+        server.server_close()
+    assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
 
 
 async def connect(server: Any) -> trio.SocketStream:

@@ -5,7 +5,6 @@
 # change which socketserver the whole interpreter sees.
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -19,13 +18,14 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from conftest import serving_on_thread as serving
 from trio_socketserver import _threading, compat
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -46,22 +46,6 @@ class Echo(stdlib_socketserver.StreamRequestHandler):
     def handle(self) -> None:
         for line in self.rfile:
             self.wfile.write(line)
-
-
-@contextlib.contextmanager
-def serving(server: Any, poll_interval: float | None = 0.5) -> Iterator[threading.Thread]:
-    """Run ``server.serve_forever()`` on a thread; shut down, join and close on the way out."""
-    thread = threading.Thread(
-        target=server.serve_forever, args=(poll_interval,), name="test serve_forever"
-    )
-    thread.start()
-    try:
-        yield thread
-    finally:
-        server.shutdown()
-        thread.join(WAIT)
-        server.server_close()
-    assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
 
 
 def client(server: Any) -> socket.socket:

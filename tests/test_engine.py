@@ -241,6 +241,7 @@ SERVER_CLASSES = [
     ts.UnixStreamServer,
     ts.UnixDatagramServer,
     ts.ThreadingTCPServer,
+    ts.ForkingTCPServer,
     compat.TCPServer,
     compat.ThreadingTCPServer,
 ]

@@ -1,18 +1,24 @@
-# Tests of ForkingMixIn (trio_socketserver._forking): sync handlers in a reused pool of
-# worker processes. Real sockets and real processes; every server test ends with the leak
-# check (fds, threads and child processes as before), and tests that start other
-# interpreters bound them with timeouts.
+# Tests of ForkingMixIn (the trio_socketserver._forking package): sync handlers in a reused
+# pool of worker processes, on the native server classes. Real sockets and real processes;
+# every server test ends with the leak check (fds, threads and child processes as before),
+# and tests that start other interpreters bound them with timeouts. The stdlib's patterns,
+# with the stdlib's ForkingMixIn side by side with compat's, are in test_forking_vs_stdlib.py.
 from __future__ import annotations
 
+import ast
+import concurrent.futures
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +27,8 @@ import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
-from trio_socketserver import _forking
+from conftest import connect, receive_all, receive_line, serving, wait_for_exit
+from trio_socketserver._forking import _mixin, _safety, _wire
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -43,7 +49,8 @@ class Commands(ts.StreamRequestHandler):
 
     ``hold``: answers, then waits for a second line (or EOF) before returning.
     ``exit``: os._exit(3). ``raise``: an exception in handle(). ``stuck``: answers, then
-    sleeps in a way a connection shutdown does not interrupt.
+    sleeps in a way a connection shutdown does not interrupt. ``close``: calls
+    collect_children(blocking=True) and server_close() (nothing to do in a worker).
     """
 
     def handle(self) -> None:
@@ -65,6 +72,9 @@ class Commands(ts.StreamRequestHandler):
             self.wfile.write(b"%d %s\n" % (REQUESTS_SEEN, GREETING))
         elif command == b"shutdown":
             self.server.shutdown()
+        elif command == b"close":
+            self.server.collect_children(blocking=True)
+            self.server.server_close()
 
 
 class Echo(ts.DatagramRequestHandler):
@@ -75,6 +85,32 @@ class Echo(ts.DatagramRequestHandler):
 class FailingHandleError(ts.ForkingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         raise RuntimeError("handle_error failed on purpose")
+
+
+class Tracked(ts.ForkingTCPServer):
+    """Counts, in the server process, the requests that came back from their worker.
+
+    close_request() runs there once the worker is back in the pool (and in the worker too,
+    from shutdown_request(), where it is not counted), so ``await wait_finished(n)`` tells a
+    test that the worker of the n-th request is idle again.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.server_pid = os.getpid()
+        self.finished = 0
+        self._changed = trio.Event()
+
+    def close_request(self, request: Any) -> None:
+        super().close_request(request)
+        if os.getpid() == self.server_pid:
+            self.finished += 1
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_finished(self, n: int) -> None:
+        while self.finished < n:
+            await self._changed.wait()
 
 
 async def ask(server: Any, line: bytes) -> bytes:
@@ -101,23 +137,29 @@ def parent_of(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def wait_for_exit(pids: set[int], timeout: float) -> set[int]:
-    """Wait (pidfd, no polling) until every pid has exited; returns those still running."""
-    remaining = set()
-    fds = {}
-    for pid in pids:
-        try:
-            fds[pid] = os.pidfd_open(pid)
-        except ProcessLookupError:
-            pass  # gone already
-    try:
-        for pid, fd in fds.items():
-            if not _forking._poll_readable(fd, timeout):
-                remaining.add(pid)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return remaining
+# -- the package: which code runs where -------------------------------------------------
+
+# The files whose code runs in the fork server and the workers (and _safety, which runs just
+# before the fork): none of them may import trio, or code that does.
+CHILD_MODULES = ("_forkserver", "_worker", "_wire", "_safety")
+
+
+def test_code_that_runs_in_children_never_imports_trio() -> None:
+    package = Path(_wire.__file__).parent
+    for module in CHILD_MODULES:
+        tree = ast.parse((package / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the other child modules
+                    assert node.level == 1 and node.module in CHILD_MODULES, (module, node.module)
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "trio", f"{module}.py imports {name}"
 
 
 # -- where requests run ------------------------------------------------------------
@@ -144,17 +186,29 @@ async def test_requests_run_in_reused_workers_forked_from_a_fork_server() -> Non
         os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - does not wait: WNOHANG
 
 
-async def test_handle_request_reuses_one_worker() -> None:
+async def test_each_handle_request_forks_the_workers_afresh() -> None:
+    """Each handle_request() is a serving call: its worker is a clone of the process as it
+    is then, so what changed since the last call is seen (and a worker's own state is not)."""
+    global GREETING
     with trio.fail_after(TEST_TIMEOUT):
         async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
-            pids = []
-            for i in range(3):
-                async with await connect(server) as stream:
-                    await stream.send_all(b"r%d\n" % i)
-                    await server.handle_request()  # returns once the worker is done
-                    pids.append(pid_of(await receive_all(stream)))
-            assert len(set(pids)) == 1
-            assert pids[0] != os.getpid()
+            answers = []
+            try:
+                for greeting in (b"first", b"second"):
+                    GREETING = greeting
+                    async with await connect(server) as stream:
+                        await stream.send_all(b"count\n")
+                        await server.handle_request()  # returns once the worker is done
+                        answers.append(await receive_all(stream))
+            finally:
+                GREETING = b"as constructed"
+            pids = {pid_of(a) for a in answers}
+            assert len(pids) == 2
+            assert os.getpid() not in pids
+            # The first call's pool was stopped as the second call started.
+            assert server.active_children == {pid_of(answers[1])}
+            assert wait_for_exit({pid_of(answers[0])}, TEST_TIMEOUT) == set()
+    assert [a.split(b"\n")[1] for a in answers] == [b"1 first", b"1 second"]
 
 
 async def test_async_handler_runs_as_a_task_without_any_process() -> None:
@@ -238,18 +292,15 @@ async def test_crashes_cost_only_their_own_requests(caplog: pytest.LogCaptureFix
 
 async def test_worker_killed_while_idle_loses_no_request(caplog: pytest.LogCaptureFixture) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
-            async with await connect(server) as stream:
-                await stream.send_all(b"one\n")
-                await server.handle_request()
-                idle = pid_of(await receive_all(stream))
+        async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+            idle = pid_of(await ask(server, b"one\n"))
+            await server.wait_finished(1)
             # Stopped, the idle worker cannot read what is sent to it: the next request
             # is queued on its socket when it dies, the case a plain kill of an idle
             # worker races with.
             os.kill(idle, signal.SIGSTOP)
-            async with await connect(server) as stream, trio.open_nursery() as nursery:
+            async with await connect(server) as stream:
                 await stream.send_all(b"two\n")
-                nursery.start_soon(server.handle_request)
                 await trio.testing.wait_all_tasks_blocked()  # sent; waiting for "done"
                 os.kill(idle, signal.SIGKILL)
                 answer = await receive_all(stream)
@@ -263,26 +314,24 @@ async def test_killed_fork_server_leaves_running_workers_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
-        async with await connect(server) as stream:
-            await stream.send_all(b"one\n")
-            await server.handle_request()  # returns with the worker idle again
-            worker = pid_of(await receive_all(stream))
-        (fork_server,) = children_of(os.getpid())
-        pidfd = os.pidfd_open(fork_server)
-        os.kill(fork_server, signal.SIGKILL)
-        try:
-            await trio.lowlevel.wait_readable(pidfd)  # it has exited (not reaped yet)
-        finally:
-            os.close(pidfd)
-        # The idle worker does not depend on the fork server ...
-        async with serving(server), await connect(server) as holding:
-            await holding.send_all(b"hold\n")
-            assert pid_of(await receive_line(holding)) == worker
-            # ... but a second worker cannot start: this request is refused, logged.
-            assert await ask(server, b"two\n") == b""
-            await holding.send_all(b"done\n")
-            assert await receive_all(holding) == b""
+        async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+            worker = pid_of(await ask(server, b"one\n"))
+            await server.wait_finished(1)  # the worker is idle again
+            (fork_server,) = children_of(os.getpid())
+            pidfd = os.pidfd_open(fork_server)
+            os.kill(fork_server, signal.SIGKILL)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)  # it has exited (not reaped yet)
+            finally:
+                os.close(pidfd)
+            # The idle worker does not depend on the fork server ...
+            async with await connect(server) as holding:
+                await holding.send_all(b"hold\n")
+                assert pid_of(await receive_line(holding)) == worker
+                # ... but a second worker cannot start: this request is refused, logged.
+                assert await ask(server, b"two\n") == b""
+                await holding.send_all(b"done\n")
+                assert await receive_all(holding) == b""
     broken, refused = [r.message for r in caplog.records if "fork server" in r.message]
     assert f"fork server (pid {fork_server}) has exited" in broken
     assert refused.startswith("cannot hand the request")
@@ -400,23 +449,215 @@ def test_handler_class_defined_in_a_main_script(tmp_path: Path) -> None:
 # -- semantics that differ from the stdlib ---------------------------------------
 
 
-async def test_reused_worker_keeps_state_and_sees_the_process_as_the_pool_started() -> None:
+async def test_reused_worker_keeps_state_and_sees_the_process_as_serving_started() -> None:
     global GREETING
     with trio.fail_after(TEST_TIMEOUT):
         server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
         server.max_children = 1
-        GREETING = b"changed after the pool started"
+        GREETING = b"set after the constructor"  # seen: the workers are forked later
         try:
             async with serving(server):
+                GREETING = b"changed while serving"  # not seen by the running workers
                 answers = [await ask(server, b"count\n") for _ in range(3)]
         finally:
             GREETING = b"as constructed"
     assert [a.split(b"\n")[1] for a in answers] == [
-        b"1 as constructed",
-        b"2 as constructed",
-        b"3 as constructed",
+        b"1 set after the constructor",
+        b"2 set after the constructor",
+        b"3 set after the constructor",
     ]
     assert REQUESTS_SEEN == 0  # the workers' counter, not ours
+
+
+class Inherited(ts.StreamRequestHandler):
+    """Uses what the server process opened before serving: ``server.log`` (a file) and
+    ``server.channel`` (one end of a socket pair); answers what became of them."""
+
+    def handle(self) -> None:
+        self.server.log.write(f"from worker {os.getpid()}\n")
+        self.server.log.flush()
+        try:
+            self.server.channel.send(b"from the worker")
+            channel = b"open"
+        except BrokenPipeError:
+            channel = b"dead end" if self.server.channel.recv(1) == b"" else b"?"
+        self.wfile.write(b"%d %s\n" % (os.getpid(), channel))
+
+
+def link_ids(pid: int, kinds: tuple[str, ...] = ("socket:", "pipe:")) -> set[str]:
+    """What the fds of ``pid`` refer to, for sockets and pipes ("socket:[1234]")."""
+    found = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if int(name) > 2 and target.startswith(kinds):
+            found.add(target)
+    return found
+
+
+async def test_children_hold_none_of_the_server_processes_sockets_pipes_or_epoll() -> None:
+    """Sockets, pipes and trio's epoll of the server process (open when serving starts) are
+    not held by the fork server or an idle worker; they have their own, and dead ends."""
+    read_end, write_end = os.pipe()
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+                worker = pid_of(await ask(server, b"one\n"))
+                await server.wait_finished(1)
+                (fork_server,) = children_of(os.getpid())
+                ours = link_ids(os.getpid())
+                assert f"pipe:[{os.fstat(read_end).st_ino}]" in ours
+                for child in (fork_server, worker):
+                    assert not link_ids(child) & ours
+                    assert not link_ids(child, ("anon_inode:",))  # trio's epoll, eventfds
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_files_stay_and_released_sockets_are_dead_ends(tmp_path: Path) -> None:
+    """A log file opened before serving is written by the workers; a socket the program
+    holds reads as closed in them and fails to write, however the program uses it."""
+    log_path = tmp_path / "log"
+    ours, theirs = socket.socketpair()
+    try:
+        with open(log_path, "a") as log, trio.fail_after(TEST_TIMEOUT):  # noqa: ASYNC230
+            server = ts.ForkingTCPServer(("127.0.0.1", 0), Inherited)
+            server.log, server.channel = log, ours
+            async with serving(server):
+                answer = await ask(server, b"")
+        assert answer.endswith(b" dead end\n")
+        assert log_path.read_text() == f"from worker {pid_of(answer)}\n"
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)  # nothing came through
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_pass_fds_keeps_an_inherited_socket_for_the_workers(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        with open(tmp_path / "log", "a") as log, trio.fail_after(TEST_TIMEOUT):  # noqa: ASYNC230
+            server = ts.ForkingTCPServer(("127.0.0.1", 0), Inherited)
+            server.log, server.channel = log, ours
+            server.pass_fds = [ours.fileno()]
+            async with serving(server):
+                assert (await ask(server, b"")).endswith(b" open\n")
+        assert theirs.recv(100) == b"from the worker"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+class Syslog(ts.StreamRequestHandler):
+    """Logs one record through ``server.syslog``, a SysLogHandler connected before serving."""
+
+    def handle(self) -> None:
+        record = logging.makeLogRecord({"msg": f"from worker {os.getpid()}"})
+        self.server.syslog.handle(record)
+        self.wfile.write(b"%d logged\n" % os.getpid())
+
+
+async def test_a_syslog_handler_connected_before_serving_reconnects_from_the_worker(
+    unix_dir: Path,
+) -> None:
+    """Its socket is a dead end in the worker; SysLogHandler reconnects on the error."""
+    path = str(unix_dir / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog_daemon:
+        syslog_daemon.bind(path)
+        syslog = logging.handlers.SysLogHandler(address=path)
+        try:
+            with trio.fail_after(TEST_TIMEOUT):
+                server = ts.ForkingTCPServer(("127.0.0.1", 0), Syslog)
+                server.syslog = syslog
+                async with serving(server):
+                    worker = pid_of(await ask(server, b""))
+            syslog_daemon.settimeout(TEST_TIMEOUT)
+            assert syslog_daemon.recv(1000).endswith(b"from worker %d\x00" % worker)
+        finally:
+            syslog.close()
+
+
+async def test_in_a_worker_collect_children_and_server_close_do_nothing() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(ts.ForkingTCPServer(("127.0.0.1", 0), Commands)) as server:
+            worker = pid_of(await ask(server, b"close\n"))
+            assert pid_of(await ask(server, b"again\n")) in {worker, *server.active_children}
+
+
+async def test_collect_children_forgets_workers_that_died_while_idle() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+            worker = pid_of(await ask(server, b"one\n"))
+            await server.wait_finished(1)
+            assert server.active_children == {worker}
+            os.kill(worker, signal.SIGKILL)
+            assert wait_for_exit({worker}, TEST_TIMEOUT) == set()
+            server.collect_children()
+            assert server.active_children == set()
+            assert pid_of(await ask(server, b"two\n")) != worker
+
+
+async def test_collect_children_blocking_stops_the_pool_and_later_requests_start_one() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+            first = pid_of(await ask(server, b"one\n"))
+            await server.wait_finished(1)
+            (fork_server,) = children_of(os.getpid())
+            server.collect_children(blocking=True)
+            assert server.active_children == set()
+            assert children_of(os.getpid()) == set()
+            assert wait_for_exit({first, fork_server}, 0) == set()
+            second = pid_of(await ask(server, b"two\n"))
+            assert second != first
+            assert server.active_children == {second}
+
+
+async def test_collect_children_blocking_lets_a_busy_worker_finish_its_request() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(Tracked(("127.0.0.1", 0), Commands)) as server:
+            async with await connect(server) as holding:
+                await holding.send_all(b"hold\n")
+                busy = pid_of(await receive_line(holding))
+                server.collect_children(blocking=True)
+                assert server.active_children == {busy}  # until its request ends
+                fresh = pid_of(await ask(server, b"two\n"))  # from a new pool
+                assert fresh != busy
+                await holding.send_all(b"done\n")
+                assert await receive_all(holding) == b""
+            await server.wait_finished(2)
+            assert wait_for_exit({busy}, TEST_TIMEOUT) == set()
+            assert server.active_children == {fresh}
+
+
+async def test_service_actions_collect_children_as_the_stdlib() -> None:
+    calls: list[bool] = []
+
+    class Counting(ts.ForkingTCPServer):
+        def collect_children(self, *, blocking: bool = False) -> None:
+            calls.append(blocking)
+            super().collect_children(blocking=blocking)
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(Counting(("127.0.0.1", 0), Commands)) as server:
+            await ask(server, b"one\n")  # accepted, then service_actions()
+    assert False in calls
+
+
+async def test_max_requests_per_child_must_be_a_positive_int_or_none() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
+            server.max_requests_per_child = 0
+            with pytest.raises(ValueError, match="max_requests_per_child must be a positive"):
+                await server.handle_request()
+            server.max_requests_per_child = None
+            server.pass_fds = ["not an fd"]  # type: ignore[list-item]
+            with pytest.raises(ValueError, match="pass_fds must be file descriptors"):
+                await server.handle_request()
 
 
 # -- stopping -------------------------------------------------------------------------
@@ -446,7 +687,7 @@ async def test_stuck_worker_is_terminated_after_the_release_timeout(
 ) -> None:
     # The handler waits for a signal, not on its socket, so only SIGTERM ends it. The
     # timeout is shortened so the test does not wait a real second for it.
-    monkeypatch.setattr(_forking, "WORKER_RELEASE_TIMEOUT", 0.05)
+    monkeypatch.setattr(_mixin, "WORKER_RELEASE_TIMEOUT", 0.05)
     with trio.fail_after(TEST_TIMEOUT):
         server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
         server.shutdown_grace = 0
@@ -571,25 +812,96 @@ def test_workers_exit_when_the_server_process_is_killed(tmp_path: Path) -> None:
 # -- forking and threads ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker pool now starts at the first request, so busy threads fail that "
-    "request (logged) instead of serve_forever(); the forking rewrite checks at serving start",
-)
-async def test_busy_threads_make_serving_fail_with_one_clear_error() -> None:
+async def test_strict_fork_safety_refuses_busy_threads_with_one_clear_error() -> None:
     release = threading.Event()
-    thread = threading.Thread(target=release.wait, name="busy test thread")
+    thread = threading.Thread(target=_spin_until, args=(release,), name="busy test thread")
     thread.start()
     try:
         with trio.fail_after(TEST_TIMEOUT):
             async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
+                server.fork_safety = "strict"
                 assert children_of(os.getpid()) == set()  # not forked at construction
-                with pytest.raises(RuntimeError, match=r"other threads \(busy test thread\)"):
+                with pytest.raises(ts.ForkSafetyError, match=r"other threads \(busy test thread\)"):
                     await server.serve_forever()  # raises before it starts serving
     finally:
         release.set()
         thread.join(TEST_TIMEOUT)
     assert children_of(os.getpid()) == set()
+    assert issubclass(ts.ForkSafetyError, RuntimeError)
+
+
+def _spin_until(release: threading.Event) -> None:
+    """Busy in Python code (not waiting) until ``release`` is set."""
+    while not release.is_set():
+        sum(range(1000))
+
+
+async def test_warn_fork_safety_forks_anyway_and_names_the_busy_threads() -> None:
+    release = threading.Event()
+    thread = threading.Thread(target=_spin_until, args=(release,), name="busy test thread")
+    thread.start()
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
+            assert server.fork_safety == "warn"  # the default
+            with pytest.warns(ts.ForkSafetyWarning, match=r"busy \(busy test thread\)"):
+                async with serving(server):
+                    assert (await ask(server, b"served\n")).endswith(b" served\n")
+            server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
+            server.fork_safety = "off"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                async with serving(server):
+                    assert (await ask(server, b"served\n")).endswith(b" served\n")
+    finally:
+        release.set()
+        thread.join(TEST_TIMEOUT)
+
+
+async def test_quiet_threads_pass_the_strict_check() -> None:
+    """Threads that wait (an idle QueueListener, ThreadPoolExecutor and trio thread, a
+    thread blocked reading a socket) hold no lock a worker could need."""
+    listener = logging.handlers.QueueListener(queue.Queue())
+    listener.start()
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    reader, writer = socket.socketpair()
+    blocked = threading.Thread(target=reader.recv, args=(1,), name="blocked reader")
+    try:
+        executor.submit(lambda: None).result()
+        blocked.start()
+        await trio.to_thread.run_sync(lambda: None)  # an idle trio thread from now on
+        with trio.fail_after(TEST_TIMEOUT):
+            server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
+            server.fork_safety = "strict"
+            async with serving(server):
+                assert (await ask(server, b"served\n")).endswith(b" served\n")
+    finally:
+        writer.send(b"x")
+        blocked.join(TEST_TIMEOUT)
+        listener.stop()
+        executor.shutdown()
+        reader.close()
+        writer.close()
+
+
+def test_the_idle_waits_of_threading_and_trio_are_found() -> None:
+    """The check knows idle threads by where they wait, some of it private names of trio
+    and the stdlib, looked up by name. If trio (or Python) moves them, idle threads would
+    count as busy: this fails first, loudly."""
+    for wait in _safety.IDLE_WAITS:
+        if wait[0] == "trio_socketserver._threading":
+            continue  # the engine's own handler threads may go (trio.to_thread instead)
+        if wait[1] == "Thread._wait_for_tstate_lock" and sys.version_info >= (3, 13):
+            continue  # join() waits in Thread.join itself from 3.13
+        assert _safety.idle_wait_code([wait]), f"{wait} no longer resolves"
+
+
+async def test_fork_safety_must_be_a_known_mode() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
+            server.fork_safety = "sometimes"
+            with pytest.raises(ValueError, match="fork_safety must be one of 'strict', 'warn'"):
+                await server.handle_request()
 
 
 def python_312() -> str | None:
@@ -666,6 +978,12 @@ def test_no_fork_deprecation_warning_on_python_312(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "served 5" in result.stdout
     assert "DeprecationWarning" not in result.stderr
+
+
+def test_the_stdlib_defaults_of_the_mixin() -> None:
+    assert (ts.ForkingMixIn.max_children, ts.ForkingMixIn.timeout) == (40, 300)
+    assert ts.ForkingMixIn.active_children is None
+    assert ts.ForkingMixIn.block_on_close is True
 
 
 async def test_max_children_must_be_a_positive_int() -> None:

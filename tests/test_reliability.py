@@ -134,10 +134,15 @@ class SyncDatagramLength(ts.DatagramRequestHandler):
 
 class ErrorLog:
     """handle_error() calls, reported from any process: worker processes inherit the socket
-    pair (it exists before the server forks), so an error in a worker reaches the test."""
+    pair (it exists before the server forks, and worker doors list it in ``pass_fds``, as
+    workers keep no other inherited socket), so an error in a worker reaches the test."""
 
     def __init__(self) -> None:
         self._receive, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    @property
+    def sender_fd(self) -> int:
+        return self._send.fileno()
 
     def put(self, client_address: Any, error: BaseException | None) -> None:
         try:
@@ -216,7 +221,9 @@ class Door:
         cls = type(f"Recording{base.__name__}", (Recording, base), server_attrs)
         kwargs = {"ssl_context": ssl_context} if ssl_context is not None else {}
         errors = ErrorLog()
-        cls.errors = errors  # before the constructor, which may fork the worker pool
+        cls.errors = errors
+        if self.workers:
+            cls.pass_fds = (errors.sender_fd,)
         try:
             return cls(("127.0.0.1", 0), handler, **kwargs)
         except BaseException:

@@ -58,7 +58,7 @@ async def test_two_tasks_sending_at_once_get_busy_resource_error() -> None:
     reader, writer = fast_pair()
     big = b"x" * (16 * 1024 * 1024)  # more than the socket buffers: the first send waits
     async with reader, writer:
-        with trio.testing.RaisesGroup(trio.BusyResourceError):
+        with pytest.RaisesGroup(trio.BusyResourceError):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.send_all, big)
                 await trio.testing.wait_all_tasks_blocked()

@@ -2,7 +2,7 @@
 
 The names and hooks are the stdlib's; servers run under trio nurseries and
 every request handler runs in its own task (``async def handle``) or on a
-reusable thread (a sync ``handle``). See ``trio_socketserver.compat`` for the
+worker thread of trio's (a sync ``handle``). See ``trio_socketserver.compat`` for the
 blocking drop-in replacement of the stdlib module.
 """
 
@@ -21,6 +21,8 @@ from ._forking import ForkingTCPServer as ForkingTCPServer
 from ._forking import ForkingUDPServer as ForkingUDPServer
 from ._forking import ForkingUnixDatagramServer as ForkingUnixDatagramServer
 from ._forking import ForkingUnixStreamServer as ForkingUnixStreamServer
+from ._forking import ForkSafetyError as ForkSafetyError
+from ._forking import ForkSafetyWarning as ForkSafetyWarning
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
@@ -36,6 +38,8 @@ __all__ = [
     "BaseRequestHandler",
     "BaseServer",
     "DatagramRequestHandler",
+    "ForkSafetyError",
+    "ForkSafetyWarning",
     "ForkingMixIn",
     "ForkingTCPServer",
     "ForkingUDPServer",

@@ -351,7 +351,8 @@ class Engine:
         """How many requests may run at once: the limit that stops the accept loop.
 
         ``max_connections`` for async handlers; for sync ones ``max_threads`` with
-        ThreadingMixIn, ``max_children`` with ForkingMixIn's pool, else one at a time.
+        ThreadingMixIn, ``max_children`` with ForkingMixIn's pool (forked here, as serving
+        starts), else one at a time.
         """
         server = self.server
         grace = server.shutdown_grace
@@ -361,9 +362,12 @@ class Engine:
             name = "max_connections"
         elif isinstance(server, ThreadingMixIn):
             name = "max_threads"
-        elif hasattr(server, "max_children"):
-            name = "max_children"
         else:
+            # Imported here: the forking package is built on this module.
+            from ._forking import _mixin
+
+            if isinstance(server, _mixin.ForkingMixIn):
+                return _mixin.start_serving(server)  # forks this call's pool
             return 1
         limit: int | None = getattr(server, name)
         if limit is not None and (

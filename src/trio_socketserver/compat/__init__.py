@@ -59,8 +59,12 @@ __all__ = [
 ]
 
 # Names that need the worker-process pool; resolved by __getattr__ on first use, so that a
-# threading server never loads it.
-_FORKING_NAMES = frozenset(name for name in __all__ if name.startswith("Forking"))
+# threading server never loads it. The fork-safety error and warning are not the stdlib's
+# (not in __all__), but code that catches them finds them here too.
+_FORKING_NAMES = frozenset(
+    [name for name in __all__ if name.startswith("Forking")]
+    + ["ForkSafetyError", "ForkSafetyWarning"]
+)
 
 ServerT = TypeVar("ServerT", bound="BaseServer")
 

@@ -3,9 +3,11 @@
 # these names (compat.__getattr__), so threading servers never load the pool.
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import _forking
+from .._forking import ForkSafetyError as ForkSafetyError
+from .._forking import ForkSafetyWarning as ForkSafetyWarning
 from . import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
 
@@ -13,21 +15,14 @@ class ForkingMixIn(_forking.ForkingMixIn):
     """The stdlib's ``ForkingMixIn``, on the engine's pool of reused worker processes.
 
     ``max_children`` (40) bounds the workers, hence the requests at once; a server with all
-    of them busy stops accepting. ``active_children`` is the set of worker pids. A worker
-    keeps its state from one request to the next and sees the process as it was when the
-    pool started (the constructor, normally): see ``docs/forking.md``.
-
-    ``timeout`` is 300, as the stdlib's: how long :meth:`handle_request` waits.
+    of them busy stops accepting. ``active_children`` is the set of worker pids (``None``
+    before the first), ``collect_children()`` forgets the ones that exited (with
+    ``blocking=True``, stops them all), and ``timeout`` is 300, as the stdlib's: how long
+    :meth:`handle_request` waits. Workers are clones of the process as it is when
+    ``serve_forever()`` / ``handle_request()`` starts, and a worker keeps its state from one
+    request to the next; ``max_requests_per_child`` recycles them and ``fork_safety`` says
+    what to do about busy threads: see ``docs/forking.md``.
     """
-
-    timeout: float | None = 300
-
-    def collect_children(self, *, blocking: bool = False) -> None:
-        """Nothing to do: the pool reaps its worker processes itself.
-
-        Kept for code that calls the stdlib's method; ``server_close()`` reaps every worker
-        (``block_on_close`` chooses whether they may finish or are killed).
-        """
 
     # The engine's, spelled out on the mixin because stdlib code calls them through it:
     # ForkingMixIn.process_request(self, ...).
@@ -41,40 +36,22 @@ class ForkingMixIn(_forking.ForkingMixIn):
         super().handle_timeout()
 
     def service_actions(self) -> None:
-        """Called by :meth:`serve_forever` after each request and every poll interval."""
+        """Called by :meth:`serve_forever` after each request and every poll interval;
+        forgets workers that exited (:meth:`collect_children`), as the stdlib's does."""
         super().service_actions()
 
 
-if TYPE_CHECKING:
-    _Server = TCPServer  # what _StdlibConstructor is mixed into, for the type checker only
-else:
-    _Server = object
-
-
-class _StdlibConstructor(_Server):
-    """The stdlib's constructor signature for the Forking*Server classes.
-
-    The pool's mixin takes ``*args, **kwargs`` (a mixin must, to combine with any server's
-    constructor); this restores what ``inspect.signature()`` and editors show.
-    """
-
-    def __init__(
-        self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
-    ) -> None:
-        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
-
-
-class ForkingTCPServer(_StdlibConstructor, ForkingMixIn, TCPServer):
+class ForkingTCPServer(ForkingMixIn, TCPServer):
     pass
 
 
-class ForkingUDPServer(_StdlibConstructor, ForkingMixIn, UDPServer):
+class ForkingUDPServer(ForkingMixIn, UDPServer):
     pass
 
 
-class ForkingUnixStreamServer(_StdlibConstructor, ForkingMixIn, UnixStreamServer):
+class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
     pass
 
 
-class ForkingUnixDatagramServer(_StdlibConstructor, ForkingMixIn, UnixDatagramServer):
+class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
