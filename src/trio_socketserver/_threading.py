@@ -70,19 +70,13 @@ async def run_in_thread(
     that **keeps running in the background**: it is abandoned, its "finished" event goes
     to ``abandoned`` (for server_close() to wait on), and Cancelled is re-raised.
     """
-    token = trio.lowlevel.current_trio_token()
-    finished = threading.Event()
-    returned = trio.Event()
+    end = _ThreadEnd(trio.lowlevel.current_trio_token())
 
     def on_thread() -> T:
         try:
             return body()
         finally:
-            finished.set()
-            try:
-                token.run_sync_soon(returned.set)
-            except trio.RunFinishedError:
-                pass  # the run that waited for it is gone; nobody to wake
+            end.reached()
 
     try:
         return await trio.to_thread.run_sync(
@@ -92,13 +86,13 @@ async def run_in_thread(
             thread_name=f"{HANDLER_THREAD_PREFIX} for {who!r}",
         )
     except trio.Cancelled:
-        if not finished.is_set():
+        if not end.finished.is_set():
             release()
             if wait_for_release:
                 with trio.CancelScope(shield=True), trio.move_on_after(THREAD_RELEASE_TIMEOUT):
-                    await returned.wait()
-            if not finished.is_set():
-                abandoned.append(finished)
+                    await end.wait()
+            if not end.finished.is_set():
+                abandoned.append(end.finished)
                 if wait_for_release:
                     LOGGER.warning(
                         "handler thread for %r still running %.1f s after its connection was "
@@ -109,6 +103,36 @@ async def run_in_thread(
                 else:
                     LOGGER.debug("not waiting for the daemon handler thread for %r", who)
         raise
+
+
+@attrs.define(eq=False)
+class _ThreadEnd:
+    """When a handler thread returns, for a stop that waits for it after the request was
+    cut. The thread wakes trio only if a task watches: a request that was not cut costs no
+    extra trip through trio's loop. Set-then-check on both sides (``finished`` then
+    ``watched`` on the thread, the reverse in :meth:`wait`), so one side always sees the
+    other.
+    """
+
+    token: trio.lowlevel.TrioToken
+    finished: threading.Event = attrs.Factory(threading.Event)
+    returned: trio.Event = attrs.Factory(trio.Event)
+    watched: bool = False
+
+    def reached(self) -> None:
+        """On the thread, as it returns."""
+        self.finished.set()
+        if self.watched:
+            try:
+                self.token.run_sync_soon(self.returned.set)
+            except trio.RunFinishedError:
+                pass  # the run that waited for it is gone; nobody to wake
+
+    async def wait(self) -> None:
+        """Until the thread returns (cancellable)."""
+        self.watched = True
+        if not self.finished.is_set():
+            await self.returned.wait()
 
 
 class ThreadingMixIn:
