@@ -744,3 +744,50 @@ def test_compat_logs_through_the_project_logger(caplog: pytest.LogCaptureFixture
         server.handle_request()
     errors = [r.exc_info[1] for r in caplog.records if r.exc_info]
     assert [str(e) for e in errors] == ["logged, not printed"]
+
+
+@pytest.mark.parametrize("server_class", ["TCPServer", "ThreadingTCPServer"])
+def test_handle_request_loop_serves_in_order_and_counts(server_class: str) -> None:
+    """handle_request() in a loop (logging.config.listen's pattern) serves each client and
+    keeps the statistics, including a refused and a failed request."""
+
+    class Server(getattr(compat, server_class)):  # type: ignore[misc]
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return self.statistics().accepted_requests != 2  # refuse the second
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # the third request's ValueError: counted, not logged
+
+    class Picky(stdlib_socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline()
+            if line == b"fail\n":
+                raise ValueError("bad request")
+            self.wfile.write(line)
+
+    with Server(LOCALHOST, Picky) as server:
+        replies = []
+        for line in (b"one\n", b"refused\n", b"fail\n", b"four\n"):
+            with client(server) as sock, sock.makefile("rb") as reader:
+                sock.sendall(line)
+                server.handle_request()
+                replies.append(reader.readline())
+        stats = server.statistics()
+    assert replies == [b"one\n", b"", b"", b"four\n"]
+    assert (stats.accepted_requests, stats.finished_requests, stats.failed_requests) == (4, 2, 1)
+
+
+def test_handle_request_awaits_an_async_verify_request() -> None:
+    seen: list[str] = []
+
+    class Server(compat.TCPServer):
+        async def verify_request(self, request: Any, client_address: Any) -> bool:
+            seen.append("verified")
+            return True
+
+    with Server(LOCALHOST, Echo) as server, client(server) as sock:
+        sock.sendall(b"ping\n")
+        sock.shutdown(socket.SHUT_WR)
+        server.handle_request()
+        assert sock.makefile("rb").read() == b"ping\n"
+    assert seen == ["verified"]

@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import math
+import selectors
 import socket
 import sys
 import threading
@@ -305,6 +306,36 @@ class Engine:
             slot = CapacitySlot(requests.limiter)
             await slot.take()
             await self._admit_request(requests, slot, request, client_address)
+
+    def handle_request_blocking(self, timeout: float | None) -> None:
+        """compat's handle_request() for a sync handler: the stdlib's steps, in the calling
+        thread, with no trio run (the stdlib's own cost for one request)."""
+        self.check_can_serve()
+        server = self.server
+        reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
+        with selectors.DefaultSelector() as selector:
+            selector.register(server.socket, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                server.handle_timeout()
+                return
+        try:
+            request, client_address = server.get_request()
+        except OSError:
+            return  # as the stdlib: the client went away, or another thread took it
+        self._accepted += 1
+        try:
+            if not server.verify_request(request, client_address):
+                self._end_request_blocking(request, client_address)
+                return
+            failed = self.blocking_sequence([request], client_address)
+        except Exception:
+            failed = True
+            self._report_error_blocking(request, client_address)
+            self._end_request_blocking(request, client_address)
+        if failed:
+            self._failed += 1
+        else:
+            self._finished += 1
 
     def check_can_serve(self) -> None:
         if self.is_closed():

@@ -17,6 +17,7 @@ differences are listed in ``docs/compat.md``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -108,12 +109,28 @@ class BaseServer(_server.BaseServer):
         Waits at most ``timeout`` seconds, or the server socket's own timeout if that is
         shorter (the stdlib's rule), then calls :meth:`handle_timeout`. With a threading
         mixin it returns once the request is done, not once its thread started.
+
+        A sync handler's request runs in the calling thread, as the stdlib's plain server
+        runs it, without starting a trio run for one request (programs such as
+        ``logging.config.listen()`` call this in a loop); an async handler, a worker pool or
+        an overridden ``process_request()`` go through the engine.
         """
         timeout = self.timeout
         socket_timeout = self.socket.gettimeout()
         if socket_timeout is not None:
             timeout = socket_timeout if timeout is None else min(timeout, socket_timeout)
-        self.__run_engine(self.__handle_one_request, timeout)
+        if self.__runs_requests_inline():
+            engine_of(self).handle_request_blocking(timeout)
+        else:
+            self.__run_engine(self.__handle_one_request, timeout)
+
+    def __runs_requests_inline(self) -> bool:
+        cls = type(self)
+        return (
+            cls.process_request in _ENGINE_PROCESS_REQUESTS
+            and not _server.is_async_handler(self.RequestHandlerClass)
+            and not any(inspect.iscoroutinefunction(getattr(cls, n)) for n in _AWAITED_HOOKS)
+        )
 
     async def __handle_one_request(self, wait: float | None) -> None:
         engine_of(self).check_can_serve()
@@ -241,6 +258,15 @@ class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
 
 class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
     pass
+
+
+# The process_request() of a plain server and of ThreadingMixIn: the engine's, which a
+# request handled in the calling thread can do without (see BaseServer.handle_request).
+_ENGINE_PROCESS_REQUESTS = frozenset(
+    {_server.BaseServer.process_request, ThreadingMixIn.process_request}
+)
+# Hooks the engine would await; an async override of one needs the trio run.
+_AWAITED_HOOKS = ("get_request", "verify_request", "handle_timeout")
 
 
 def __getattr__(name: str) -> Any:
