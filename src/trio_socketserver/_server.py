@@ -108,7 +108,7 @@ class BaseServer:
 
         Errors: a handler's exception goes to :meth:`handle_error` and the
         server keeps serving. ``RuntimeError`` if it is already running (call
-        :meth:`shutdown` first) or the server was closed.
+        :meth:`shutdown` first) or the server's socket is closed.
         """
         await self.__engine.serve_forever(poll_interval, task_status)
 
@@ -121,9 +121,11 @@ class BaseServer:
         Thread safety: callable from the trio thread (any task, a handler
         included), from any other thread, and from inside a sync handler. On
         the trio thread it requests the stop and returns at once; from a
-        handler thread of this server likewise (waiting there would wait for
-        itself, the stdlib's deadlock); from any other thread it returns once
-        :meth:`serve_forever` has returned, as the stdlib's does.
+        thread that the serving trio run started (a sync handler's, or an
+        async handler's ``trio.to_thread`` call) likewise, since the run may be
+        waiting for that very thread (the stdlib's deadlock); from any other
+        thread it returns once :meth:`serve_forever` has returned, as the
+        stdlib's does.
         """
         self.__engine.shutdown()
 
