@@ -121,32 +121,35 @@ async def test_peer_errors_in_a_handler_nursery_are_one_info_line(
 # -- shutdown() never waits for a thread the run waits for --------------------------------
 
 
-async def test_shutdown_from_an_async_handlers_worker_thread_does_not_deadlock() -> None:
-    class StopsFromAThread(ts.BaseRequestHandler):
-        async def handle(self) -> None:
-            await trio.to_thread.run_sync(self.server.shutdown)
+class StopsFromAWorkerThread(ts.BaseRequestHandler):
+    async def handle(self) -> None:
+        await trio.to_thread.run_sync(self.server.shutdown)
 
+
+class StopsThroughFromThread(ts.BaseRequestHandler):
+    def handle(self) -> None:
+        trio.from_thread.run_sync(self.server.shutdown)
+
+
+@pytest.mark.parametrize(
+    ("server_class", "handler"),
+    [
+        (ts.TCPServer, StopsFromAWorkerThread),  # an async handler's trio.to_thread
+        (ts.ThreadingTCPServer, StopsFromAWorkerThread),
+        (ts.ThreadingTCPServer, StopsThroughFromThread),  # a sync handler's thread
+    ],
+)
+async def test_shutdown_from_a_thread_of_the_run_does_not_deadlock(
+    server_class: Any, handler: Any
+) -> None:
     with trio.fail_after(5):
-        server = ts.TCPServer(LOCALHOST, StopsFromAThread)
+        server = server_class(LOCALHOST, handler)
         async with server, trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
             async with await connect(server) as client:
                 assert await receive_all(client) == b""
         # serve_forever returned: the nursery could exit.
         assert not server.statistics().serving
-
-
-async def test_shutdown_from_a_sync_handler_through_from_thread() -> None:
-    class Stops(ts.BaseRequestHandler):
-        def handle(self) -> None:
-            trio.from_thread.run_sync(self.server.shutdown)
-
-    with trio.fail_after(5):
-        server = ts.ThreadingTCPServer(LOCALHOST, Stops)
-        async with server, trio.open_nursery() as nursery:
-            await nursery.start(server.serve_forever)
-            async with await connect(server) as client:
-                assert await receive_all(client) == b""
 
 
 # -- async with server: never blocks the loop ----------------------------------------------

@@ -62,6 +62,9 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
       :meth:`aclose` closes the socket.
     """
 
+    # Every idle connection holds one: no per-instance dict.
+    __slots__ = ("_eof_sent", "_receiving", "_sending", "bytes_received", "bytes_sent", "socket")
+
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.socket = sock
