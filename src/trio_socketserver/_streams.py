@@ -56,10 +56,10 @@ class StreamReader:
         be None or a non-negative number.
 
     Cancellation:
-      A read is a checkpoint only when it has to wait for the peer; a read that can be answered
-      from the buffer returns without yielding to the scheduler. If a read is cancelled or
-      times out, nothing is lost: the bytes received so far stay buffered and the next read
-      sees them.
+      A read is a checkpoint only when it has to receive from the stream; a read that can be
+      answered from the buffer returns without yielding to the scheduler. If a read is
+      cancelled or times out, nothing is lost: the bytes received so far stay buffered and the
+      next read sees them (the stream takes nothing from the peer once cancelled).
 
     Errors:
       Every read can raise whatever the underlying stream raises, e.g.
@@ -106,7 +106,7 @@ class StreamReader:
         whole line is buffered, however long it is.
 
         Cancellation:
-          A checkpoint only if it has to wait for the peer; see :class:`StreamReader`.
+          A checkpoint only if it has to receive from the stream; see :class:`StreamReader`.
 
         Errors:
           TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
@@ -139,7 +139,7 @@ class StreamReader:
           The bytes read; shorter than ``n`` (or ``b""``) only at end-of-file.
 
         Cancellation:
-          A checkpoint only if it has to wait for the peer; see :class:`StreamReader`.
+          A checkpoint only if it has to receive from the stream; see :class:`StreamReader`.
 
         Errors:
           TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
@@ -164,7 +164,7 @@ class StreamReader:
           ``n`` bytes.
 
         Cancellation:
-          A checkpoint only if it has to wait for the peer; see :class:`StreamReader`.
+          A checkpoint only if it has to receive from the stream; see :class:`StreamReader`.
 
         Errors:
           IncompleteReadError: If the peer closed the connection before ``n`` bytes arrived.
