@@ -889,7 +889,10 @@ async def test_statistics_counts_requests() -> None:
                 finished_requests=0,
                 failed_requests=0,
                 cancelled_requests=0,
+                refused_requests=0,
+                proxy_rejected_requests=0,
                 serving=False,
+                draining=False,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
@@ -906,7 +909,10 @@ async def test_statistics_counts_requests() -> None:
                     finished_requests=1,
                     failed_requests=0,
                     cancelled_requests=0,
+                    refused_requests=1,
+                    proxy_rejected_requests=0,
                     serving=True,
+                    draining=False,
                 )
                 server.shutdown()  # grace 0: the held request is cancelled
             await held.aclose()
@@ -916,5 +922,8 @@ async def test_statistics_counts_requests() -> None:
         finished_requests=1,
         failed_requests=0,
         cancelled_requests=1,
+        refused_requests=1,
+        proxy_rejected_requests=0,
         serving=False,
+        draining=False,
     )

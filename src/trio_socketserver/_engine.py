@@ -125,9 +125,18 @@ class ServerStatistics:
     failed_requests: int
     """Requests whose handling raised (reported through ``handle_error``)."""
     cancelled_requests: int
-    """Requests cut by a shutdown (grace expired) or a hard stop."""
+    """Requests cut short: by a shutdown (grace expired), a hard stop or a deadline."""
+    refused_requests: int
+    """Requests closed before any handler saw them: ``verify_request()`` said no, or a PROXY
+    protocol header was rejected (those are also in ``proxy_rejected_requests``)."""
+    proxy_rejected_requests: int
+    """Connections closed because their PROXY protocol header was missing, malformed, too
+    slow, or came from a peer not in ``proxy_trusted``."""
     serving: bool
     """Whether ``serve_forever()`` is running."""
+    draining: bool
+    """Whether a shutdown has begun and ``serve_forever()`` has not returned yet: a balancer
+    should send no new clients (``/ready`` answers 503)."""
 
 
 @attrs.define(eq=False)
@@ -257,6 +266,8 @@ class Engine:
     _finished: int = 0
     _failed: int = 0
     _cancelled: int = 0
+    _refused: int = 0
+    proxy_rejected: int = 0
     _active: int = 0
 
     # -- serving ------------------------------------------------------------
@@ -325,6 +336,7 @@ class Engine:
         self._accepted += 1
         try:
             if not server.verify_request(request, client_address):
+                self._refused += 1
                 self._end_request_blocking(request, client_address)
                 return
             failed = self.blocking_sequence([request], client_address)
@@ -439,6 +451,7 @@ class Engine:
             if verified:
                 await call_hook(server.process_request, request, client_address)
             else:
+                self._refused += 1
                 await self.end_request(request, client_address)
         except Exception:
             self._failed += 1
@@ -745,7 +758,10 @@ class Engine:
             finished_requests=self._finished,
             failed_requests=self._failed,
             cancelled_requests=self._cancelled,
+            refused_requests=self._refused,
+            proxy_rejected_requests=self.proxy_rejected,
             serving=self.run is not None,
+            draining=self.shutdown_requested,
         )
 
 
