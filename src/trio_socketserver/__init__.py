@@ -8,6 +8,8 @@ blocking drop-in replacement of the stdlib module.
 
 # No `from __future__ import annotations` here: nothing is annotated, and it would put
 # `annotations` among the package's public names (dir(trio_socketserver)).
+from ._activation import InheritedSocket as InheritedSocket
+from ._activation import inherited_sockets as inherited_sockets
 from ._families import TCPServer as TCPServer
 from ._families import ThreadingTCPServer as ThreadingTCPServer
 from ._families import ThreadingUDPServer as ThreadingUDPServer
@@ -46,6 +48,7 @@ __all__ = [
     "ForkingUnixDatagramServer",
     "ForkingUnixStreamServer",
     "IncompleteReadError",
+    "InheritedSocket",
     "ServerStatistics",
     "StreamReader",
     "StreamRequestHandler",
@@ -59,5 +62,6 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "inherited_sockets",
     "serve_until_signal",
 ]

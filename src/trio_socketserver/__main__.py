@@ -1,7 +1,8 @@
 # The command line: `trio-socketserver` and `python -m trio_socketserver`.
-# This module does the I/O: it sets up logging, creates the servers and serves
-# them in one trio run until a signal stops them (_signals.py). What the options
-# mean, which server class serves an endpoint and the exit statuses live in _cli.py.
+# This module does the I/O: it sets up logging, takes the sockets a service manager
+# passed (_activation.py), creates the servers and serves them in one trio run until
+# a signal stops them (_signals.py). What the options mean, which server class serves
+# an endpoint and the exit statuses live in _cli.py.
 #
 # Everything it has to say goes through logging to stderr, with a timestamp
 # (the "serving ... on ..." line too), except a startup error: that is one
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,12 +18,14 @@ from typing import Any
 
 import trio
 
+from ._activation import inherited_sockets
 from ._cli import (
     EXIT_FAILURE,
     EXIT_USAGE,
     MODULE_PROG,
     PROG,
     Config,
+    Endpoint,
     UsageError,
     load_config,
     parse_options,
@@ -47,7 +51,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         return EXIT_USAGE
     configure_logging(options.log_level, access_log=options.access_log)
     try:
-        config = load_config(options)
+        # Taken (and the variables removed) before the handler's module is imported.
+        inherited = inherited_sockets(os.environ)
+    except ValueError as exc:
+        _error(prog, str(exc))
+        return EXIT_USAGE
+    try:
+        config = load_config(options, inherited)
     except UsageError as exc:
         if exc.__cause__ is not None:
             LOGGER.debug("the error below, with its traceback:", exc_info=exc.__cause__)
@@ -89,7 +99,7 @@ async def serve(config: Config, prog: str = PROG) -> int:
     """Create a server per endpoint and serve them until a signal stops them; return the status.
 
     Resource handling: every server created here is closed here, also when
-    creating a later one fails.
+    creating a later one fails; so is every socket the service manager passed.
 
     Errors: an address that cannot be bound (in use, no permission, unknown
     host, a path that is not a socket) is one line on stderr and
@@ -101,20 +111,35 @@ async def serve(config: Config, prog: str = PROG) -> int:
         tls["ssl_context"] = config.ssl_context
     try:
         for endpoint in config.endpoints:
+            cls = server_class(config, endpoint)
+            if endpoint.inherited is not None:
+                servers.append(cls.from_socket(endpoint.inherited.socket, config.handler, **tls))
+                LOGGER.info(
+                    "socket %r from the service manager: %s",
+                    endpoint.inherited.name,
+                    _describe(endpoint, config),
+                )
+                continue
             try:
-                servers.append(
-                    server_class(config, endpoint)(endpoint.address, config.handler, **tls)
-                )
+                servers.append(cls(endpoint.address, config.handler, **tls))
             except OSError as exc:
-                where = describe_address(
-                    endpoint.family, endpoint.address, datagram=config.udp, tls=bool(tls)
+                _error(
+                    prog, f"cannot listen on {_describe(endpoint, config)}: {exc.strerror or exc}"
                 )
-                _error(prog, f"cannot listen on {where}: {exc.strerror or exc}")
                 return EXIT_USAGE
         return await serve_until_signal(*servers)
     finally:
         for server in servers:
             server.server_close()
+        for endpoint in config.endpoints:
+            if endpoint.inherited is not None:
+                endpoint.inherited.socket.close()  # one no server was built around
+
+
+def _describe(endpoint: Endpoint, config: Config) -> str:
+    return describe_address(
+        endpoint.family, endpoint.address, datagram=config.udp, tls=config.ssl_context is not None
+    )
 
 
 def _error(prog: str, message: str) -> None:

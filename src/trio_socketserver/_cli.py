@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ._activation import InheritedSocket
 from ._echo import DatagramEchoHandler, EchoHandler
 from ._families import (
     TCPServer,
@@ -68,6 +69,12 @@ at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
+Service manager (systemd): with NOTIFY_SOCKET set it is told READY=1 once
+every port accepts, STOPPING=1 when a signal starts the drain, and WATCHDOG=1
+when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
+LISTEN_FDS set) it serves the sockets passed from descriptor 3 on instead of
+binding; --bind and --unix cannot be given then.
+
 Logging: to stderr, one line per event. --access-log adds one line per
 connection (logger trio_socketserver.access, INFO); --log-level DEBUG shows it
 too, and the traceback behind a handler module that fails to import.
@@ -102,6 +109,9 @@ class Endpoint:
     """``AF_INET``, ``AF_INET6`` or ``AF_UNIX``."""
     address: Any
     """``(host, port)`` for IP, the path for ``AF_UNIX``."""
+    inherited: InheritedSocket | None = None
+    """The socket the service manager passed for it (socket activation): served as it is,
+    not bound."""
 
 
 @attrs.frozen
@@ -453,14 +463,20 @@ def parse_options(argv: Sequence[str] | None = None, prog: str = PROG) -> argpar
     return build_parser(prog).parse_args(argv)
 
 
-def load_config(options: argparse.Namespace) -> Config:
+def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket] = ()) -> Config:
     """Import the handler and read the TLS files that ``options`` name.
+
+    ``inherited``: the sockets the service manager passed (socket activation); they are
+    served instead of any address.
 
     Errors: ``UsageError`` for every mistake; one raised for a handler module
     that failed to import has that exception as its ``__cause__``.
     """
-    endpoints = list(options.bind)
-    endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
+    if inherited:
+        endpoints = activated_endpoints(options, inherited)
+    else:
+        endpoints = list(options.bind)
+        endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
     if not endpoints:
         endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
     if options.handler is None:
@@ -478,7 +494,40 @@ def load_config(options: argparse.Namespace) -> Config:
     )
 
 
-_SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
+def activated_endpoints(
+    options: argparse.Namespace, inherited: Sequence[InheritedSocket]
+) -> list[Endpoint]:
+    """An endpoint per socket the service manager passed, once the options fit them.
+
+    Errors: ``UsageError`` for ``--bind`` or ``--unix`` (the manager decides where to
+    listen), and for ``--udp`` with stream sockets or datagram sockets without it.
+    """
+    if options.bind or options.unix:
+        option = "--bind" if options.bind else "--unix"
+        raise UsageError(
+            f"{option} cannot be used with socket activation (the service manager passes "
+            f"LISTEN_FDS={len(inherited)}): drop {option}, or start without LISTEN_FDS"
+        )
+    datagram = [entry.socket.type == socket.SOCK_DGRAM for entry in inherited]
+    if any(datagram) and not all(datagram):
+        raise UsageError(
+            "LISTEN_FDS passes stream and datagram sockets mixed; one process serves one "
+            "kind: pass it only stream sockets, or only datagram sockets with --udp"
+        )
+    kind = "datagram" if all(datagram) else "stream"
+    passes = (
+        f"LISTEN_FDS passes a {kind} socket"
+        if len(inherited) == 1
+        else f"LISTEN_FDS passes {kind} sockets"
+    )
+    if all(datagram) and not options.udp:
+        raise UsageError(f"{passes}: add --udp")
+    if not any(datagram) and options.udp:
+        raise UsageError(f"{passes}: drop --udp")
+    return [Endpoint(entry.socket.family, entry.socket.getsockname(), entry) for entry in inherited]
+
+
+_SERVER_CLASSES: dict[tuple[bool, bool, bool], type[TCPServer]] = {
     # (unix, udp, threading)
     (False, False, False): TCPServer,
     (False, False, True): ThreadingTCPServer,
@@ -491,7 +540,7 @@ _SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
 }
 
 
-def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
+def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
     """The server class for ``endpoint``, with the command line's settings as class attributes."""
     base = _SERVER_CLASSES[(endpoint.family == socket.AF_UNIX, config.udp, config.threading)]
     settings: dict[str, Any] = {
