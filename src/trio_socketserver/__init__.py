@@ -28,6 +28,7 @@ from ._forking import ForkSafetyWarning as ForkSafetyWarning
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
+from ._health import HealthServer as HealthServer
 from ._server import BaseServer as BaseServer
 from ._server import ServerStatistics as ServerStatistics
 from ._signals import serve_until_signal as serve_until_signal
@@ -47,6 +48,7 @@ __all__ = [
     "ForkingUDPServer",
     "ForkingUnixDatagramServer",
     "ForkingUnixStreamServer",
+    "HealthServer",
     "IncompleteReadError",
     "InheritedSocket",
     "ServerStatistics",

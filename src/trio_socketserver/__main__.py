@@ -1,8 +1,9 @@
 # The command line: `trio-socketserver` and `python -m trio_socketserver`.
 # This module does the I/O: it sets up logging, takes the sockets a service manager
-# passed (_activation.py), creates the servers and serves them in one trio run until
-# a signal stops them (_signals.py). What the options mean, which server class serves
-# an endpoint and the exit statuses live in _cli.py.
+# passed (_activation.py), creates the servers and the health endpoint (_health.py)
+# and serves them in one trio run until a signal stops them (_signals.py). What the
+# options mean, which server class serves an endpoint and the exit statuses live in
+# _cli.py.
 #
 # Everything it has to say goes through logging to stderr, with a timestamp
 # (the "serving ... on ..." line too), except a startup error: that is one
@@ -31,6 +32,7 @@ from ._cli import (
     parse_options,
     server_class,
 )
+from ._health import HealthServer
 from ._server import LOGGER, BaseServer, is_async_handler
 from ._signals import describe_address, forced_exit_status, serve_until_signal
 
@@ -98,6 +100,9 @@ def configure_logging(level: str, *, access_log: bool) -> None:
 async def serve(config: Config, prog: str = PROG) -> int:
     """Create a server per endpoint and serve them until a signal stops them; return the status.
 
+    The health endpoint (``--health-bind``) answers from before the servers accept
+    until they have stopped, so ``/ready`` is 503 while they start and drain.
+
     Resource handling: every server created here is closed here, also when
     creating a later one fails; so is every socket the service manager passed.
 
@@ -106,6 +111,7 @@ async def serve(config: Config, prog: str = PROG) -> int:
     ``EXIT_USAGE``; errors while serving propagate to :func:`main`.
     """
     servers: list[BaseServer] = []
+    health: HealthServer | None = None
     tls: dict[str, Any] = {}
     if config.ssl_context is not None:
         tls["ssl_context"] = config.ssl_context
@@ -127,8 +133,17 @@ async def serve(config: Config, prog: str = PROG) -> int:
                     prog, f"cannot listen on {_describe(endpoint, config)}: {exc.strerror or exc}"
                 )
                 return EXIT_USAGE
-        return await serve_until_signal(*servers)
+        if config.health is not None:
+            try:
+                health = HealthServer(config.health.address, servers)
+            except OSError as exc:
+                where = _describe(config.health, config, health=True)
+                _error(prog, f"cannot listen on {where} (--health-bind): {exc.strerror or exc}")
+                return EXIT_USAGE
+        return await _serve_with_health(servers, health)
     finally:
+        if health is not None:
+            health.server_close()
         for server in servers:
             server.server_close()
         for endpoint in config.endpoints:
@@ -136,9 +151,28 @@ async def serve(config: Config, prog: str = PROG) -> int:
                 endpoint.inherited.socket.close()  # one no server was built around
 
 
-def _describe(endpoint: Endpoint, config: Config) -> str:
+async def _serve_with_health(servers: list[BaseServer], health: HealthServer | None) -> int:
+    if health is None:
+        return await serve_until_signal(*servers)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(health.serve_forever)
+        LOGGER.info(
+            "health endpoint on %s: GET /live, /ready, /metrics",
+            describe_address(
+                health.address_family, health.server_address, datagram=False, tls=False
+            ),
+        )
+        status = await serve_until_signal(*servers)
+        health.shutdown()
+    return status
+
+
+def _describe(endpoint: Endpoint, config: Config, *, health: bool = False) -> str:
     return describe_address(
-        endpoint.family, endpoint.address, datagram=config.udp, tls=config.ssl_context is not None
+        endpoint.family,
+        endpoint.address,
+        datagram=config.udp and not health,
+        tls=config.ssl_context is not None and not health,
     )
 
 

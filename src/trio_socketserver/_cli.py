@@ -69,6 +69,9 @@ at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
+Health: --health-bind HOST:PORT serves GET /live, GET /ready (503 while
+starting and draining) and GET /metrics (Prometheus text) on a port of its own.
+
 Service manager (systemd): with NOTIFY_SOCKET set it is told READY=1 once
 every port accepts, STOPPING=1 when a signal starts the drain, and WATCHDOG=1
 when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
@@ -126,6 +129,8 @@ class Config:
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     ssl_context: ssl.SSLContext | None = None
+    health: Endpoint | None = None
+    """Where to serve the health endpoint (``--health-bind``), if anywhere."""
 
 
 def parse_bind(text: str) -> Endpoint:
@@ -399,6 +404,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--unix", action="append", default=[], metavar="PATH", help="a Unix socket path; repeatable"
     )
     where.add_argument("--udp", action="store_true", help="serve datagrams instead of streams")
+    where.add_argument(
+        "--health-bind",
+        type=_bind,
+        metavar="HOST:PORT",
+        help="serve the health endpoint (GET /live, /ready, /metrics) on this address",
+    )
     what = parser.add_argument_group("what to serve")
     what.add_argument(
         "--handler",
@@ -491,6 +502,7 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        health=options.health_bind,
     )
 
 
