@@ -210,7 +210,7 @@ def test_help_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
         cli_main.main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    for text in ["--bind HOST:PORT", "--health-bind HOST:PORT", "Exit status", "130/143"]:
+    for text in ["--bind HOST:PORT", "--health-bind", "--shutdown-grace", "Exit status", "130/143"]:
         assert text in out
 
 

@@ -373,6 +373,21 @@ async def test_idle_health_connections_do_not_stop_the_server_from_serving() -> 
                     await stream.aclose()
 
 
+@pytest.mark.usefixtures("no_leaks")
+async def test_health_server_from_a_socket_made_elsewhere() -> None:
+    sock = socket.socket()
+    sock.bind(LOCALHOST)
+    sock.listen()
+    with trio.fail_after(TIMEOUT):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Echo)) as server,
+            serving(ts.HealthServer.from_socket(sock, [server])) as health,
+        ):
+            assert health.server_address == sock.getsockname()
+            assert await get_path(health, "/ready") == (200, "ready\n")
+    assert sock.fileno() == -1
+
+
 def test_health_server_needs_a_server_and_takes_ipv6() -> None:
     with pytest.raises(ValueError, match="needs at least one server"):
         ts.HealthServer(LOCALHOST, [])

@@ -146,3 +146,7 @@ async def test_serve_until_signal_notifies_programs_of_the_api_too(
         }
         server.shutdown()
     assert statuses == [0]
+    # A stop that no signal began sends nothing more: the process ending tells the manager.
+    manager.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        manager.recv(4096)
