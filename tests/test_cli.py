@@ -247,25 +247,29 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
-def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
+def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     grace = 0.5
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server:
-        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+    with (
+        ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as idle,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as busy,
+    ):
+        for client in (idle, busy):
             client.sendall(b"before\n")
-            assert read_until(client, b"\n") == b"before\n"  # the handler is in flight
-            # The server's deadline is set after it gets the signal, so at least
-            # `grace` seconds pass between here and EOF (same monotonic clock).
-            signalled = time.monotonic()
-            server.send_signal(signal.SIGTERM)
-            server.wait_for_line("SIGTERM: shutting down", stream="stderr")
-            # Stopped accepting, but the connection in flight is still served...
-            client.sendall(b"during the grace\n")
-            assert read_until(client, b"\n") == b"during the grace\n"
-            # ...until the grace is over; then it is cut and the client sees EOF.
-            assert client.recv(100) == b""
-            assert time.monotonic() - signalled >= grace
+            assert read_until(client, b"\n") == b"before\n"
+        busy.sendall(b"half a li")  # the echo handler is in the middle of a line
+        # The server's deadline is set after it gets the signal, so at least
+        # `grace` seconds pass between here and the busy client's EOF.
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        # Waiting for its next line, the idle connection ends at once, cleanly...
+        assert idle.recv(100) == b""
+        # ...the busy one can still send during the grace, and is cut when it is over.
+        busy.sendall(b"ne, and more")
+        assert busy.recv(100) == b""
+        assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
-    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
+    assert "requests finished: 1, failed: 0, cut short: 1" in server.stderr
 
 
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
