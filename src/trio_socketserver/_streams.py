@@ -246,11 +246,24 @@ class StreamReader:
         exchange = self._exchange
         if exchange is None:
             data = await self._receive_some()
-        elif exchange.at_boundary and not self._buf:
-            data = await self._receive_next_message(exchange)
-        else:
+        elif not exchange.at_boundary or self._buf:
             data = await self._receive_some()
             exchange.received_data(data)
+        # A receive at a message boundary, which a drain ends with end-of-file. Here, not in
+        # a coroutine of its own: an idle connection waits here, holding every frame above.
+        elif not exchange.start_waiting():
+            await trio.lowlevel.checkpoint()
+            data = b""
+        else:
+            data = b""
+            try:
+                data = await self._receive_some()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # The drain ended the wait (see _drain.py); TLS reports it as a broken stream.
+                if not exchange.drain.closing:
+                    raise
+            finally:
+                exchange.stop_waiting(data)
         if not data:
             self._eof = True
             return False
@@ -266,22 +279,6 @@ class StreamReader:
         if self.timeout is None:
             return self._stream.receive_some(self._bufsize)
         return self._receive_with_timeout(self.timeout)
-
-    async def _receive_next_message(self, exchange: Exchange) -> bytes | bytearray:
-        """A receive at a message boundary, which a drain ends with end-of-file."""
-        if not exchange.start_waiting():
-            await trio.lowlevel.checkpoint()
-            return b""
-        data: bytes | bytearray = b""
-        try:
-            data = await self._receive_some()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            # The drain ended the wait (see _drain.py); TLS reports it as a broken stream.
-            if not exchange.drain.closing:
-                raise
-        finally:
-            exchange.stop_waiting(data)
-        return data
 
     async def _receive_with_timeout(self, wait_timeout: float) -> bytes | bytearray:
         with trio.move_on_after(wait_timeout):
