@@ -6,6 +6,7 @@
 # how a sync request runs on a thread in _threading.py; the socket stream in _socket_stream.py.
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import functools
@@ -35,6 +36,10 @@ LOGGER = logging.getLogger("trio_socketserver")
 # application whose root logger is at INFO does not start logging every request (a blocking
 # logging handler, e.g. an HTTPHandler, would then run on the trio thread for each one).
 ACCESS_LOG = logging.getLogger("trio_socketserver.access")
+# The families whose sockets have TCP options (Nagle, TCP_NOTSENT_LOWAT).
+TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# What trio.SocketStream sets TCP_NOTSENT_LOWAT to, where the platform has it.
+NOTSENT_LOWAT_BYTES = 2**14
 
 
 def _access_log_enabled() -> bool:
@@ -146,16 +151,63 @@ class ServerStatistics:
 
 @attrs.define(eq=False)
 class Connection:
-    """What the engine made of one async stream request: what the handler sees as
-    ``self.request``, and the stream its rfile/wfile use (the fast socket stream under a
-    plain connection; the TLS stream itself with TLS)."""
+    """What the engine made of one async stream request: the stream its rfile/wfile use
+    (``io``: the fast socket stream under a plain connection, the TLS stream itself with TLS)
+    and what the handler sees as ``self.request``.
 
-    request: trio.abc.Stream
+    A plain connection's ``request`` (a ``trio.SocketStream``) is made the first time
+    something asks for it. A handler that only reads and writes its rfile and wfile never
+    does, and making one costs every connection three objects and three socket options (it
+    turns Nagle off, then the handler's setup() puts it back as ``disable_nagle_algorithm``
+    says). Until then the socket has what the stream would have given it, except Nagle,
+    which is as the handler asked. See BaseRequestHandler.__init__ for how a handler gets its
+    ``self.request`` from here.
+    """
+
+    socket: socket.socket
     io: trio.abc.Stream
+    _request: trio.abc.Stream | None = None
+    nodelay: bool | None = None
+    """What the handler's setup() set TCP_NODELAY to (None: it did not), restored after the
+    request stream is made, since trio.SocketStream turns Nagle off."""
+
+    @classmethod
+    def plain(cls, sock: socket.socket) -> Connection:
+        connection = cls(sock, SocketFastStream(sock))
+        # trio.SocketStream's other default, which the fast stream's sends rely on as much:
+        # a send waits for the peer once 16 KiB are unsent, rather than buffer megabytes.
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            with contextlib.suppress(OSError):  # not a TCP socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+        return connection
+
+    @property
+    def request(self) -> trio.abc.Stream:
+        """The handler's ``self.request``, made now if it was not yet."""
+        request = self._request
+        if request is None:
+            request = self._request = trio.SocketStream(trio.socket.from_stdlib_socket(self.socket))
+            if self.nodelay is not None:
+                self.set_nodelay(self.nodelay)
+        return request
+
+    def set_nodelay(self, nodelay: bool) -> None:
+        """TCP_NODELAY as a stream handler's ``disable_nagle_algorithm`` says (TCP only);
+        kept if the request stream is made later."""
+        self.nodelay = nodelay
+        set_nodelay(self.socket, nodelay)
 
 
-# The connection of the request the current task handles. A context variable, because each
-# request runs in its own task and the stdlib's hook signatures have no room for it.
+def set_nodelay(sock: trio.socket.SocketType | socket.socket | None, nodelay: bool) -> None:
+    """TCP_NODELAY on ``sock`` if it is a TCP socket (there is no Nagle elsewhere)."""
+    if sock is not None and sock.family in TCP_FAMILIES:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+
+
+# The connection of the request the current task handles, when its handler got the request
+# stream itself (see Engine._run_request): how its rfile/wfile find the fast stream under it.
+# A context variable, because each request runs in its own task and the stdlib's hook
+# signatures have no room for it.
 _connection: contextvars.ContextVar[Connection] = contextvars.ContextVar(
     "trio_socketserver_connection"
 )
@@ -163,12 +215,26 @@ _connection: contextvars.ContextVar[Connection] = contextvars.ContextVar(
 
 def io_stream_for(request: object) -> Any:
     """The stream a stream handler's rfile/wfile should use for ``request``: the engine's
-    fast stream when ``request`` is the connection the engine made for this task, else
-    ``request`` itself (a hook substituted its own, or a test passed a memory stream)."""
+    fast stream when ``request`` is the connection the engine made for this task (or that
+    connection itself), else ``request`` itself (a hook substituted its own, or a test passed
+    a memory stream)."""
+    if isinstance(request, Connection):
+        return request.io
     connection = _connection.get(None)
     if connection is not None and connection.request is request:
         return connection.io
     return request
+
+
+@functools.cache
+def _lazy_request_defaults() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """BaseServer.finish_request and BaseRequestHandler.__init__ (see
+    Engine._passes_connection); imported here, late, since their modules are built on this
+    one."""
+    from ._handlers import BaseRequestHandler
+    from ._server import BaseServer
+
+    return BaseServer.finish_request, BaseRequestHandler.__init__
 
 
 def drain_exchange(server: object, request: object) -> Exchange | None:
@@ -614,11 +680,13 @@ class Engine:
                 # that each idle connection holds for as long as it lives.
                 failed = False
                 try:
-                    connection = self._open_connection(request)
-                    running = self.server.finish_request(
-                        self.async_request(request) if connection is None else connection.request,
-                        client_address,
-                    )
+                    lazy = self._passes_connection()
+                    connection = self._open_connection(request, lazy)
+                    if connection is None:
+                        handler_request = self.async_request(request)
+                    else:
+                        handler_request = connection if lazy else connection.request
+                    running = self.server.finish_request(handler_request, client_address)
                     if inspect.isawaitable(running):
                         await running
                 except Exception:
@@ -644,28 +712,50 @@ class Engine:
             if _access_log_enabled():
                 _log_access(client_address, outcome, trio.current_time() - started, connection)
 
-    def _open_connection(self, request: Any) -> Connection | None:
+    def _open_connection(self, request: Any, lazy: bool) -> Connection | None:
         """Make the trio objects an async handler gets; None when the request stays as it
-        is (a datagram's request is converted in place, see async_request)."""
+        is (a datagram's request is converted in place, see async_request).
+
+        ``lazy``: the handler gets the Connection itself (see _passes_connection), so a plain
+        connection's request stream is made on first use; otherwise it gets the stream, and
+        the connection is left where its rfile/wfile find it (``_connection``).
+        """
         if not isinstance(request, socket.socket) or request.type != socket.SOCK_STREAM:
             return None
-        fast = SocketFastStream(request)
         server = self.server
         context = None if self.stdlib_manners else getattr(server, "ssl_context", None)
-        if context is None:
-            token = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(request)), fast)
-            _connection.set(token)
-            return token
-        # The handshake happens on the handler's first read or write, bounded by its timeout.
-        tls = trio.SSLStream(
-            fast,
-            context,
-            server_side=True,
-            https_compatible=getattr(server, "https_compatible", False),
+        if context is not None:
+            # The handshake happens on the handler's first read or write, bounded by its
+            # timeout.
+            tls = trio.SSLStream(
+                SocketFastStream(request),
+                context,
+                server_side=True,
+                https_compatible=getattr(server, "https_compatible", False),
+            )
+            connection = Connection(request, tls, tls)
+        # trio.socket.from_stdlib_socket() takes a plain socket.socket only: another kind
+        # fails here, as it always did, not in the handler.
+        elif lazy and type(request) is socket.socket:
+            return Connection.plain(request)
+        else:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(request))
+            connection = Connection(request, SocketFastStream(request), stream)
+        if not lazy:
+            _connection.set(connection)
+        return connection
+
+    def _passes_connection(self) -> bool:
+        """Whether finish_request() gets the Connection rather than the request stream: when
+        it is BaseServer's, which gives it to the handler class, and that class's __init__
+        is BaseRequestHandler's, which makes ``self.request`` from it on first use. A
+        subclass's own finish_request() or __init__ gets the stream, as documented."""
+        finish_request, handler_init = _lazy_request_defaults()
+        server = self.server
+        return (
+            getattr(server.finish_request, "__func__", None) is finish_request
+            and getattr(server.RequestHandlerClass, "__init__", None) is handler_init
         )
-        token = Connection(tls, tls)
-        _connection.set(token)
-        return token
 
     def async_request(self, request: Any) -> Any:
         """What an async handler's ``self.request`` is for a datagram request: the data and
@@ -829,12 +919,9 @@ class Engine:
         run = self.run
         if run is None:
             return None
-        connection = _connection.get(None)
-        if connection is not None and connection.request is request:
-            io: Any = connection.io
-            if isinstance(io, trio.SSLStream):
-                io = io.transport_stream
-            return Exchange(run.drain, io.socket, threaded=False)
+        connection = request if isinstance(request, Connection) else _connection.get(None)
+        if connection is not None and (connection is request or connection.request is request):
+            return Exchange(run.drain, connection.socket, threaded=False)
         if isinstance(request, socket.socket):
             return Exchange(run.drain, request, threaded=True)
         return None
