@@ -118,16 +118,20 @@ class BoundarySocketIO(socket.SocketIO):
         self._exchange = exchange
 
     def readinto(self, b: Any) -> int | None:
+        # Every read of a sync handler's rfile passes here: the checks are spelled out
+        # rather than made through Exchange's property and methods where that saves calls.
         exchange = self._exchange
-        if not exchange.at_boundary:
-            n = super().readinto(b)
-            exchange.received_data(n)
+        if not (exchange.received and exchange.replied):  # not at a boundary
+            n = socket.SocketIO.readinto(self, b)
+            if n:
+                exchange.received = True
+                exchange.replied = False
             return n
         if not exchange.start_waiting():
             return 0
         n = None
         try:
-            n = super().readinto(b)
+            n = socket.SocketIO.readinto(self, b)
         finally:
             exchange.stop_waiting(n)
         return n

@@ -164,7 +164,7 @@ class Connection:
     ``self.request`` from here.
     """
 
-    socket: socket.socket
+    sock: socket.socket
     io: trio.abc.Stream
     _request: trio.abc.Stream | None = None
     nodelay: bool | None = None
@@ -186,7 +186,7 @@ class Connection:
         """The handler's ``self.request``, made now if it was not yet."""
         request = self._request
         if request is None:
-            request = self._request = trio.SocketStream(trio.socket.from_stdlib_socket(self.socket))
+            request = self._request = trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
             if self.nodelay is not None:
                 self.set_nodelay(self.nodelay)
         return request
@@ -195,7 +195,7 @@ class Connection:
         """TCP_NODELAY as a stream handler's ``disable_nagle_algorithm`` says (TCP only);
         kept if the request stream is made later."""
         self.nodelay = nodelay
-        set_nodelay(self.socket, nodelay)
+        set_nodelay(self.sock, nodelay)
 
 
 def set_nodelay(sock: trio.socket.SocketType | socket.socket | None, nodelay: bool) -> None:
@@ -921,7 +921,7 @@ class Engine:
             return None
         connection = request if isinstance(request, Connection) else _connection.get(None)
         if connection is not None and (connection is request or connection.request is request):
-            return Exchange(run.drain, connection.socket, threaded=False)
+            return Exchange(run.drain, connection.sock, threaded=False)
         if isinstance(request, socket.socket):
             return Exchange(run.drain, request, threaded=True)
         return None
@@ -969,17 +969,15 @@ def _on_own_thread(process_request_thread: Callable[[Any, Any], None], *args: An
     ``threading.excepthook`` and ends that request only, as it ends only its thread in the
     stdlib. Returns whether the request failed.
     """
-    with record_failure() as outcome:
-        try:
-            process_request_thread(*args)
-        except BaseException:
-            outcome.failed = True
-            exc_type, exc, traceback = sys.exc_info()
-            threading.excepthook(
-                threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
-            )
-            del exc, traceback  # break the frame <-> traceback cycle
-    return outcome.failed
+    try:
+        return record_failure(process_request_thread, *args)
+    except BaseException:
+        exc_type, exc, traceback = sys.exc_info()
+        threading.excepthook(
+            threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
+        )
+        del exc, traceback  # break the frame <-> traceback cycle
+        return True
 
 
 def release_connection(request: Any) -> None:
