@@ -93,8 +93,9 @@ SYNC_REQUEST_HOOKS = (
 async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     """Call a hook that may be sync or async, and return its result."""
     result = hook(*args)
-    # Most hooks are sync and return None or a bool: skip the (slow) Awaitable ABC check.
-    if result is None or result is True or result is False:
+    # Most hooks are sync and return None, a bool or (get_request) a tuple: skip the (slow)
+    # Awaitable ABC check.
+    if result is None or result is True or result is False or type(result) is tuple:
         return result
     if inspect.isawaitable(result):
         return await result
@@ -919,11 +920,11 @@ class Engine:
         run = self.run
         if run is None:
             return None
+        if isinstance(request, socket.socket):
+            return Exchange(run.drain, request, threaded=True)
         connection = request if isinstance(request, Connection) else _connection.get(None)
         if connection is not None and (connection is request or connection.request is request):
             return Exchange(run.drain, connection.sock, threaded=False)
-        if isinstance(request, socket.socket):
-            return Exchange(run.drain, request, threaded=True)
         return None
 
     def stop_serving(self) -> None:
