@@ -26,6 +26,8 @@ from ._forking import ForkSafetyWarning as ForkSafetyWarning
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
+from ._proxy import ProxyHeader as ProxyHeader
+from ._proxy import current_proxy_header as current_proxy_header
 from ._server import BaseServer as BaseServer
 from ._server import ServerStatistics as ServerStatistics
 from ._signals import serve_until_signal as serve_until_signal
@@ -46,6 +48,7 @@ __all__ = [
     "ForkingUnixDatagramServer",
     "ForkingUnixStreamServer",
     "IncompleteReadError",
+    "ProxyHeader",
     "ServerStatistics",
     "StreamReader",
     "StreamRequestHandler",
@@ -59,5 +62,6 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "current_proxy_header",
     "serve_until_signal",
 ]
