@@ -116,6 +116,10 @@ class Config:
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     ssl_context: ssl.SSLContext | None = None
+    proxy_protocol: str | None = None
+    """``"v1"``, ``"v2"``, ``"auto"``, or None: no PROXY protocol header."""
+    proxy_trusted: tuple[str, ...] | None = None
+    """Who may send a PROXY header; None: the server's default (loopback)."""
 
 
 def parse_bind(text: str) -> Endpoint:
@@ -349,6 +353,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an address or network, e.g. 10.0.0.0/8 or 2001:db8::/32: {exc}"
+        ) from None
+    return text
+
+
 def _bind(text: str) -> Endpoint:
     try:
         return parse_bind(text)
@@ -363,6 +377,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+PROXY_PROTOCOL_CHOICES = ("v1", "v2", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -419,6 +434,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
     )
+    balancer = parser.add_argument_group("behind a load balancer")
+    balancer.add_argument(
+        "--proxy-protocol",
+        choices=PROXY_PROTOCOL_CHOICES,
+        help="every connection starts with a PROXY protocol header of this version (auto: "
+        "either), as HAProxy's send-proxy / send-proxy-v2 send it; handlers see the "
+        "original client's address. A connection without one is closed",
+    )
+    balancer.add_argument(
+        "--proxy-trusted",
+        action="append",
+        type=_network,
+        metavar="CIDR",
+        help="a peer address or network that may send the header, e.g. 10.0.0.0/8; "
+        "repeatable; replaces the default, loopback (127.0.0.0/8 and ::1). Peers on a Unix "
+        "socket are always trusted",
+    )
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -467,6 +499,12 @@ def load_config(options: argparse.Namespace) -> Config:
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
         handler = load_handler(options.handler, udp=options.udp)
+    if options.proxy_protocol is not None and options.udp:
+        raise UsageError(
+            "--proxy-protocol works with stream servers only (a balancer's connections); drop --udp"
+        )
+    if options.proxy_trusted and options.proxy_protocol is None:
+        raise UsageError("--proxy-trusted needs --proxy-protocol (v1, v2 or auto)")
     return Config(
         endpoints=tuple(endpoints),
         handler=handler,
@@ -475,6 +513,8 @@ def load_config(options: argparse.Namespace) -> Config:
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        proxy_protocol=options.proxy_protocol,
+        proxy_trusted=None if options.proxy_trusted is None else tuple(options.proxy_trusted),
     )
 
 
@@ -517,4 +557,8 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.proxy_protocol is not None:
+        settings["proxy_protocol"] = config.proxy_protocol
+    if config.proxy_trusted is not None:
+        settings["proxy_trusted"] = config.proxy_trusted
     return type(base.__name__, (base,), settings)
