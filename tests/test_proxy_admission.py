@@ -7,10 +7,14 @@
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import logging
+import os
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -106,6 +110,10 @@ HEADERS = {
     "v1 UNKNOWN": (header(1, socket.AF_UNSPEC, None, None), None),
     "v2 TCP4 with TLVs": (header(2, socket.AF_INET, CLIENT, BALANCER, tlvs=TLVS), CLIENT),
     "v2 TCP6": (header(2, socket.AF_INET6, IPV6_CLIENT, IPV6_BALANCER), IPV6_CLIENT),
+    "v2 UDP6": (
+        ProxyHeader(2, "PROXY", socket.AF_INET6, socket.SOCK_DGRAM, IPV6_CLIENT, IPV6_BALANCER),
+        IPV6_CLIENT,
+    ),
     "v2 UNIX": (header(2, socket.AF_UNIX, "/run/client.sock", "/run/lb.sock"), "/run/client.sock"),
     "v2 LOCAL": (header(2, socket.AF_UNSPEC, None, None, command="LOCAL"), None),
     "v2 unspecified": (header(2, socket.AF_UNSPEC, None, None), None),
@@ -460,8 +468,6 @@ def test_compat_servers_check_the_settings_too() -> None:
 
 
 def test_trust_is_by_network_and_ipv4_in_ipv6_counts_as_ipv4() -> None:
-    import ipaddress
-
     nets = tuple(ipaddress.ip_network(n) for n in ["127.0.0.0/8", "::1", "10.0.0.0/8"])
     settings = ProxySettings(frozenset({1}), nets, 1.0)
     for peer in [
@@ -480,6 +486,17 @@ def test_trust_is_by_network_and_ipv4_in_ipv6_counts_as_ipv4() -> None:
         assert not trusts(settings, peer), peer
     assert trusts(settings, "") and trusts(settings, "/run/peer.sock")
     assert not trusts(ProxySettings(frozenset({1}), (), 1.0), ("127.0.0.1", 1))
+
+
+async def test_trusted_networks_may_be_ipaddress_objects(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    trusted = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_address("127.0.0.1")]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(make_server("async", proxy_trusted=trusted)) as server:
+            sent = proxy_header(CLIENT, BALANCER) + b"trusted\n"
+            async with await open_client(server, send_first=sent) as client:
+                assert await client.receive_line() == b"trusted\n"
+    assert server.verified == [CLIENT]
 
 
 def test_the_default_trusts_loopback_only() -> None:
@@ -617,3 +634,81 @@ def test_proxied_address_keeps_the_peer_when_the_header_names_no_one() -> None:
             "::2",
             1,
         )
+
+
+# -- a real balancer ---------------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or next(
+    (path for path in ["/usr/sbin/haproxy"] if os.access(path, os.X_OK)), None
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(LOCALHOST)
+        return int(probe.getsockname()[1])
+
+
+class Checked(AsyncReport):
+    """Tells the test when HAProxy's first health check (a LOCAL header) has come."""
+
+    async def handle(self) -> None:
+        if self.proxy_header is not None and self.proxy_header.command == "LOCAL":
+            self.server.checked.set()
+            return
+        await super().handle()
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+async def test_haproxy_send_proxy_and_send_proxy_v2(tmp_path: Path) -> None:
+    server = type("Server", (Records, ts.TCPServer), {"proxy_protocol": "auto"})(LOCALHOST, Checked)
+    server.seen, server.verified, server.checked = [], [], trio.Event()
+    v1_port, v2_port = free_port(), free_port()
+    app = "{}:{}".format(*server.server_address)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend v1
+    bind 127.0.0.1:{v1_port}
+    default_backend v1
+backend v1
+    server app {app} send-proxy
+frontend v2
+    bind 127.0.0.1:{v2_port}
+    unique-id-format conn-%ci-%cp
+    default_backend v2
+backend v2
+    server app {app} send-proxy-v2 proxy-v2-options unique-id check inter 100ms
+"""
+    )
+    assert HAPROXY is not None
+    with trio.fail_after(TEST_TIMEOUT):
+        async with serving(server):
+            haproxy = await trio.lowlevel.open_process(
+                [HAPROXY, "-db", "-f", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                # Its health checks begin once its frontends listen.
+                await server.checked.wait()
+                peers = []
+                for port in (v1_port, v2_port):
+                    async with StreamClient(await trio.open_tcp_stream("127.0.0.1", port)) as c:
+                        peers.append(local_address(c))
+                        await c.send_all(b"through haproxy\n")
+                        assert await c.receive_line() == b"through haproxy\n"
+            finally:
+                haproxy.terminate()
+                with trio.CancelScope(shield=True):
+                    await haproxy.wait()
+    (v1_address, v1_header, _), (v2_address, v2_header, _) = server.seen
+    assert (v1_address, v1_header.version, v1_header.source) == (peers[0], 1, peers[0])
+    assert v1_header.destination == ("127.0.0.1", v1_port)
+    assert (v2_address, v2_header.version, v2_header.source) == (peers[1], 2, peers[1])
+    assert v2_header.tlv(0x05) == b"conn-127.0.0.1-%d" % peers[1][1]
