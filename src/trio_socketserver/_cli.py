@@ -62,9 +62,11 @@ current directory or the Python path. Its handle() may be async (one task per
 request) or sync (one request at a time; with --threading one thread each).
 Stream handlers serve TCP and --unix; with --udp, datagram handlers.
 
-Stopping: SIGINT (Ctrl-C) or SIGTERM stops accepting and gives in-flight
-requests --shutdown-grace seconds, then cancels them; a second signal stops
-at once. Handler threads are daemon threads: none keeps the process alive.
+Stopping: SIGINT (Ctrl-C) or SIGTERM starts draining: the server keeps
+accepting for --drain-delay seconds, serves the connections already queued,
+stops accepting, and gives in-flight requests --shutdown-grace seconds, then
+cancels them; a connection waiting for its next message ends at once. A
+second signal stops at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
@@ -115,6 +117,7 @@ class Config:
     max_connections: int | None = None
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
+    drain_delay: float = 0.0
     ssl_context: ssl.SSLContext | None = None
     proxy_protocol: str | None = None
     """``"v1"``, ``"v2"``, ``"auto"``, or None: no PROXY protocol header."""
@@ -430,6 +433,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="how long in-flight requests may run after SIGINT/SIGTERM before they are "
         f"cancelled (default: {BaseServer.shutdown_grace})",
     )
+    what.add_argument(
+        "--drain-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="after SIGINT/SIGTERM, keep accepting this long while reporting that the server "
+        "is draining (/ready answers 503), so a load balancer moves traffic away before "
+        "anything is refused; set it above the balancer's health-check interval (default: 0)",
+    )
     what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
@@ -512,6 +524,7 @@ def load_config(options: argparse.Namespace) -> Config:
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
+        drain_delay=options.drain_delay,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
         proxy_protocol=options.proxy_protocol,
         proxy_trusted=None if options.proxy_trusted is None else tuple(options.proxy_trusted),
@@ -561,4 +574,5 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
         settings["proxy_protocol"] = config.proxy_protocol
     if config.proxy_trusted is not None:
         settings["proxy_trusted"] = config.proxy_trusted
+    settings["drain_delay"] = config.drain_delay
     return type(base.__name__, (base,), settings)
