@@ -4,7 +4,7 @@
 # forwards. Nothing here reads a socket, knows a server or a clock: what a server does with
 # a header (who may send one, reading it without taking a byte more, timeouts) lives in
 # _proxy_admission.py. Also the one record of which header the running request came with
-# (a context variable), here so that a worker process reaches it without trio.
+# (a context variable): here, away from trio, since ForkingMixIn's worker processes set it too.
 from __future__ import annotations
 
 import contextvars
