@@ -338,6 +338,8 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
     ):
         client.sendall(b"x\n")
         assert read_until(client, b"\n") == b"x\n"
+        # Mid-line: the drain waits for this request (between two lines it would end it).
+        client.sendall(b"half a li")
         server.send_signal(signal.SIGINT)
         server.wait_for_line("SIGINT: shutting down", stream="stderr")
         server.send_signal(second)
