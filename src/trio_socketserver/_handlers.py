@@ -109,11 +109,24 @@ class StreamRequestHandler(BaseRequestHandler):
     seconds any single wait for the peer may take before ``TimeoutError``
     (``None``: forever), which bounds clients that send nothing or half a
     line. ``disable_nagle_algorithm``: set ``TCP_NODELAY``.
+
+    Async ``handle`` only: ``read_deadline``: seconds one ``rfile`` call
+    (``readline``, ``read``, ``readexactly``, ``read1``, one step of ``async
+    for``) may take in total, however the bytes trickle in; ``write_deadline``:
+    the same for one ``wfile.write``/``writelines``/``flush``. Exceeded: the
+    call raises ``TimeoutError`` in the handler, which may answer the client
+    before it returns; the default ``handle_error`` logs it as one INFO line.
+    ``None`` (the default): no bound, at no cost per call. A sync handler reads
+    and writes with the stdlib's file objects, which they cannot bound: setting
+    either on one is refused with ``ValueError`` when serving starts (bound its
+    requests with the server's ``request_deadline`` instead).
     """
 
     rbufsize: int = -1
     wbufsize: int = 0
     timeout: float | None = None
+    read_deadline: float | None = None
+    write_deadline: float | None = None
     disable_nagle_algorithm: bool = False
 
     rfile: Any
@@ -124,8 +137,8 @@ class StreamRequestHandler(BaseRequestHandler):
         if is_async_handler(type(self)):
             self.__set_nodelay(_socket_of(self.request))
             io = io_stream_for(self.request)
-            self.rfile = StreamReader(io, self.rbufsize, self.timeout)
-            self.wfile = StreamWriter(io, self.wbufsize, self.timeout)
+            self.rfile = StreamReader(io, self.rbufsize, self.timeout, deadline=self.read_deadline)
+            self.wfile = StreamWriter(io, self.wbufsize, self.timeout, deadline=self.write_deadline)
             return _DONE
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
