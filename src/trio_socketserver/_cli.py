@@ -115,6 +115,8 @@ class Config:
     max_connections: int | None = None
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
+    request_deadline: float | None = None
+    """None: no bound on how long one request (a stream server's connection) may run."""
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -415,6 +417,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="how long in-flight requests may run after SIGINT/SIGTERM before they are "
         f"cancelled (default: {BaseServer.shutdown_grace})",
     )
+    what.add_argument(
+        "--request-deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the longest one request may run (for streams: the whole connection), so "
+        "that a client trickling bytes cannot hold it forever; then it is cut as at the "
+        "end of --shutdown-grace and logged (default: no limit)",
+    )
     what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
@@ -474,6 +484,7 @@ def load_config(options: argparse.Namespace) -> Config:
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
+        request_deadline=options.request_deadline,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
     )
 
@@ -517,4 +528,6 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.request_deadline is not None:
+        settings["request_deadline"] = config.request_deadline
     return type(base.__name__, (base,), settings)
