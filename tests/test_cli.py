@@ -117,11 +117,13 @@ def test_server_class_carries_the_options() -> None:
         threading=True,
         max_connections=3,
         shutdown_grace=0.5,
+        drain_delay=2.5,
     )
     cls = server_class(config, Endpoint(V6, ("::1", 0)))
     assert issubclass(cls, trio_socketserver.ThreadingTCPServer)
     assert cls.address_family == V6
     assert (cls.max_connections, cls.max_threads, cls.shutdown_grace) == (3, 3, 0.5)
+    assert cls.drain_delay == 2.5
     assert cls.daemon_threads
     assert cls.allow_reuse_address  # a restart binds at once (TIME-WAIT)
     datagrams = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
@@ -135,6 +137,24 @@ def test_server_class_carries_the_options() -> None:
     assert unix_cls.shutdown_grace == trio_socketserver.BaseServer.shutdown_grace
     # The class attributes of the engine stay untouched.
     assert trio_socketserver.ThreadingTCPServer.address_family == V4
+
+
+def test_drain_delay_defaults_to_zero() -> None:
+    assert config_from().drain_delay == 0
+    assert config_from("--drain-delay", "1.5").drain_delay == 1.5
+
+
+def test_sigterm_keeps_accepting_for_the_drain_delay() -> None:
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--drain-delay", "3600") as server:
+        address = server.address()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_line("SIGTERM: shutting down", stream="stderr")
+        # Draining, but a client that a balancer still sends is served.
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"still here\n")
+            assert read_until(client, b"\n") == b"still here\n"
+        server.send_signal(signal.SIGTERM)  # the second signal does not wait out the delay
+        assert server.wait() == 143
 
 
 def test_shutdown_grace_may_be_infinite() -> None:
@@ -189,6 +209,7 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
         (["--request-deadline", "-1"], "expected seconds >= 0"),
+        (["--drain-delay", "-1"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
         (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
         (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
@@ -259,25 +280,29 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
-def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
+def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     grace = 0.5
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server:
-        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+    with (
+        ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as idle,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as busy,
+    ):
+        for client in (idle, busy):
             client.sendall(b"before\n")
-            assert read_until(client, b"\n") == b"before\n"  # the handler is in flight
-            # The server's deadline is set after it gets the signal, so at least
-            # `grace` seconds pass between here and EOF (same monotonic clock).
-            signalled = time.monotonic()
-            server.send_signal(signal.SIGTERM)
-            server.wait_for_line("SIGTERM: shutting down", stream="stderr")
-            # Stopped accepting, but the connection in flight is still served...
-            client.sendall(b"during the grace\n")
-            assert read_until(client, b"\n") == b"during the grace\n"
-            # ...until the grace is over; then it is cut and the client sees EOF.
-            assert client.recv(100) == b""
-            assert time.monotonic() - signalled >= grace
+            assert read_until(client, b"\n") == b"before\n"
+        busy.sendall(b"half a li")  # the echo handler is in the middle of a line
+        # The server's deadline is set after it gets the signal, so at least
+        # `grace` seconds pass between here and the busy client's EOF.
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        # Waiting for its next line, the idle connection ends at once, cleanly...
+        assert idle.recv(100) == b""
+        # ...the busy one can still send during the grace, and is cut when it is over.
+        busy.sendall(b"ne, and more")
+        assert busy.recv(100) == b""
+        assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
-    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
+    assert "requests finished: 1, failed: 0, cut short: 1" in server.stderr
 
 
 @pytest.mark.usefixtures("no_leaks")

@@ -62,9 +62,11 @@ current directory or the Python path. Its handle() may be async (one task per
 request) or sync (one request at a time; with --threading one thread each).
 Stream handlers serve TCP and --unix; with --udp, datagram handlers.
 
-Stopping: SIGINT (Ctrl-C) or SIGTERM stops accepting and gives in-flight
-requests --shutdown-grace seconds, then cancels them; a second signal stops
-at once. Handler threads are daemon threads: none keeps the process alive.
+Stopping: SIGINT (Ctrl-C) or SIGTERM starts draining: the server keeps
+accepting for --drain-delay seconds, serves the connections already queued,
+stops accepting, and gives in-flight requests --shutdown-grace seconds, then
+cancels them; a connection waiting for its next message ends at once. A
+second signal stops at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
@@ -117,6 +119,7 @@ class Config:
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     request_deadline: float | None = None
     """None: no bound on how long one request (a stream server's connection) may run."""
+    drain_delay: float = 0.0
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -425,6 +428,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "that a client trickling bytes cannot hold it forever; then it is cut as at the "
         "end of --shutdown-grace and logged (default: no limit)",
     )
+    what.add_argument(
+        "--drain-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="after SIGINT/SIGTERM, keep accepting this long while reporting that the server "
+        "is draining (/ready answers 503), so a load balancer moves traffic away before "
+        "anything is refused; set it above the balancer's health-check interval (default: 0)",
+    )
     what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
@@ -485,6 +497,7 @@ def load_config(options: argparse.Namespace) -> Config:
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         request_deadline=options.request_deadline,
+        drain_delay=options.drain_delay,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
     )
 
@@ -530,4 +543,5 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
         settings["shutdown_grace"] = config.shutdown_grace
     if config.request_deadline is not None:
         settings["request_deadline"] = config.request_deadline
+    settings["drain_delay"] = config.drain_delay
     return type(base.__name__, (base,), settings)
