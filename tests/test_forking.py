@@ -684,7 +684,7 @@ async def test_grace_expiry_shuts_the_connection_and_keeps_the_worker() -> None:
 
 async def test_request_deadline_shuts_the_connection_and_keeps_the_worker() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
+        server = Tracked(("127.0.0.1", 0), Commands)
         server.request_deadline = 0.5
         async with serving(server):
             start = trio.current_time()
@@ -694,6 +694,7 @@ async def test_request_deadline_shuts_the_connection_and_keeps_the_worker() -> N
                 # The handler waits for a second line that never comes: cut at the deadline.
                 assert await receive_all(stream) == b""
             assert trio.current_time() - start >= 0.5
+            await server.wait_finished(1)  # its worker returned and is idle again
             async with await connect(server) as stream:
                 await stream.send_all(b"again\n")
                 assert pid_of(await receive_line(stream)) == worker  # back in the pool

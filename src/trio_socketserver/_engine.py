@@ -112,15 +112,16 @@ def is_async_handler(handler_class: object) -> bool:
 _is_coroutine_function = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
 
 
-def check_deadlines(server: Any) -> None:
-    """ValueError for a ``request_deadline`` that is not None or seconds >= 0, and for
-    ``read_deadline``/``write_deadline`` on a sync handler, which could not honour them."""
-    deadline = server.request_deadline
+def check_deadlines(server: Any) -> float | None:
+    """The server's ``request_deadline``, read once as serving starts; ValueError for one
+    that is not None or seconds >= 0, and for ``read_deadline``/``write_deadline`` on a sync
+    handler, which could not honour them."""
+    deadline: float | None = server.request_deadline
     if deadline is not None and not deadline >= 0:
         raise ValueError(f"request_deadline must be >= 0 seconds or None, not {deadline!r}")
     handler_class = server.RequestHandlerClass
     if is_async_handler(handler_class):
-        return
+        return deadline
     for name in NATIVE_DEADLINES:
         if getattr(handler_class, name, None) is not None:
             raise ValueError(
@@ -129,6 +130,7 @@ def check_deadlines(server: Any) -> None:
                 "its timeout bounds (each wait); bound its requests with the server's "
                 "request_deadline instead, or make handle() async"
             )
+    return deadline
 
 
 def reject_async_hooks(server: object, names: tuple[str, ...], where: str) -> None:
@@ -281,6 +283,7 @@ class _Requests:
     # Whether get_request() may only be called once the socket is readable (see
     # Engine.stdlib_manners); decided once per run, not per accept.
     readable_first: bool
+    request_deadline: float | None  # validated once per run, like the capacity limit
     slot: CapacitySlot | None = None  # the place of the request being dispatched
 
 
@@ -430,7 +433,7 @@ class Engine:
         self.check_can_serve()
         server = self.server
         reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
-        check_deadlines(server)
+        request_deadline = check_deadlines(server)
         with selectors.DefaultSelector() as selector:
             selector.register(server.socket, selectors.EVENT_READ)
             if not selector.select(timeout):
@@ -448,7 +451,7 @@ class Engine:
                 self._refused += 1
                 self._end_request_blocking(request, client_address)
                 return
-            deadline.start(server.request_deadline)
+            deadline.start(request_deadline)
             failed = self.blocking_sequence(connection, client_address)
         except Exception:
             failed = True
@@ -458,7 +461,7 @@ class Engine:
             deadline.stop()
         if deadline.passed:
             self._cancelled += 1
-            _log_deadline(client_address, server.request_deadline)
+            _log_deadline(client_address, request_deadline)
         elif failed:
             self._failed += 1
         else:
@@ -484,7 +487,7 @@ class Engine:
     @asynccontextmanager
     async def _open_requests(self) -> AsyncIterator[_Requests]:
         server = self.server
-        check_deadlines(server)
+        request_deadline = check_deadlines(server)
         limit = self._request_limit()
         if not is_async_handler(server.RequestHandlerClass):
             reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
@@ -499,7 +502,7 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 readable_first = self.stdlib_manners and not _engine_get_request(server)
-                self._requests = _Requests(nursery, limiter, readable_first)
+                self._requests = _Requests(nursery, limiter, readable_first, request_deadline)
                 yield self._requests
         finally:
             self._requests = None
@@ -630,17 +633,26 @@ class Engine:
             )
         slot, requests.slot = requests.slot, None
         requests.nursery.start_soon(
-            self._run_request, slot, request, client_address, runner or self._run_on_thread
+            self._run_request,
+            slot,
+            request,
+            client_address,
+            runner or self._run_on_thread,
+            requests.request_deadline,
         )
 
     async def _run_request(
-        self, slot: CapacitySlot, request: Any, client_address: Any, runner: RequestRunner
+        self,
+        slot: CapacitySlot,
+        request: Any,
+        client_address: Any,
+        runner: RequestRunner,
+        request_deadline: float | None,
     ) -> None:
         self._active += 1
         started = trio.current_time()
         outcome = "cut short"
         connection: Connection | None = None
-        request_deadline = self.server.request_deadline
         # At the deadline the request is cut as a stop cuts it after shutdown_grace: the task
         # is cancelled (a thread's connection is shut down, a worker's too, see the runners).
         deadline = (
