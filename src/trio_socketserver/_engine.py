@@ -26,6 +26,15 @@ import attrs
 import trio
 
 from ._drain import Drain, Exchange
+from ._proxy import ProxyProtocolError
+from ._proxy import _current as _current_proxy_header
+from ._proxy_admission import (
+    ProxySettings,
+    proxied_address,
+    proxy_settings,
+    take_proxy_header,
+    take_proxy_header_blocking,
+)
 from ._socket_stream import SocketFastStream
 from ._threading import ThreadingMixIn, record_failure, run_in_thread
 
@@ -283,8 +292,25 @@ class _Requests:
     # Whether get_request() may only be called once the socket is readable (see
     # Engine.stdlib_manners); decided once per run, not per accept.
     readable_first: bool
+    # The server's PROXY protocol settings, checked as the run starts; None: no header.
+    proxy: ProxySettings | None
     request_deadline: float | None  # validated once per run, like the capacity limit
-    slot: CapacitySlot | None = None  # the place of the request being dispatched
+
+
+@attrs.define(eq=False)
+class _Admission:
+    """A request between get_request() and process_request(): its place under the capacity
+    limit, until process_request() hands it to the request's task (see start_request)."""
+
+    slot: CapacitySlot | None
+
+
+# The admission of the request whose verify_request()/process_request() the current task is
+# in. A context variable: with the PROXY protocol each connection is admitted in its own task,
+# so several admissions may be under way at once (an async verify_request() awaits).
+_admission: contextvars.ContextVar[_Admission | None] = contextvars.ContextVar(
+    "trio_socketserver_admission", default=None
+)
 
 
 # A request's body, run by start_request(): returns whether the request failed.
@@ -437,6 +463,7 @@ class Engine:
         server = self.server
         reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
         request_deadline = check_deadlines(server)
+        proxy = proxy_settings(server)
         with selectors.DefaultSelector() as selector:
             selector.register(server.socket, selectors.EVENT_READ)
             if not selector.select(timeout):
@@ -450,12 +477,25 @@ class Engine:
         connection = [request]
         deadline = DeadlineTimer(connection)
         try:
-            if not server.verify_request(request, client_address):
-                self._refused += 1
-                self._end_request_blocking(request, client_address)
-                return
-            deadline.start(request_deadline)
-            failed = self.blocking_sequence(connection, client_address)
+            header = None
+            if proxy is not None:
+                try:
+                    header = take_proxy_header_blocking(request, client_address, proxy)
+                except ProxyProtocolError as error:
+                    self._refuse_proxied(client_address, error)
+                    self._end_request_blocking(request, client_address)
+                    return
+                client_address = proxied_address(header, request, client_address)
+            token = _current_proxy_header.set(header)
+            try:
+                if not server.verify_request(request, client_address):
+                    self._refused += 1
+                    self._end_request_blocking(request, client_address)
+                    return
+                deadline.start(request_deadline)
+                failed = self.blocking_sequence(connection, client_address)
+            finally:
+                _current_proxy_header.reset(token)
         except Exception:
             failed = True
             self._report_error_blocking(request, client_address)
@@ -492,6 +532,7 @@ class Engine:
         server = self.server
         request_deadline = check_deadlines(server)
         limit = self._request_limit()
+        proxy = proxy_settings(server)
         if not is_async_handler(server.RequestHandlerClass):
             reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
         limiter = trio.CapacityLimiter(math.inf if limit is None else limit)
@@ -505,7 +546,9 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 readable_first = self.stdlib_manners and not _engine_get_request(server)
-                self._requests = _Requests(nursery, limiter, readable_first, request_deadline)
+                self._requests = _Requests(
+                    nursery, limiter, readable_first, proxy, request_deadline
+                )
                 yield self._requests
         finally:
             self._requests = None
@@ -559,10 +602,57 @@ class Engine:
     async def _admit_request(
         self, requests: _Requests, slot: CapacitySlot, request: Any, client_address: Any
     ) -> None:
+        """Admit a request just taken from the socket, owning ``slot`` until a task takes it."""
+        self._accepted += 1
+        if requests.proxy is None:
+            await self._verify_and_process(slot, request, client_address)
+        else:
+            # In the connection's own task: a client slow to send its header holds only its
+            # own connection, never the accept loop.
+            requests.nursery.start_soon(
+                self._admit_behind_proxy, requests.proxy, slot, request, client_address
+            )
+
+    async def _admit_behind_proxy(
+        self, proxy: ProxySettings, slot: CapacitySlot, request: Any, peer: Any
+    ) -> None:
+        """Take the PROXY header off the connection, then admit it as the original client's."""
+        try:
+            header = await take_proxy_header(request, peer, proxy)
+        except ProxyProtocolError as error:
+            self._refuse_proxied(peer, error)
+            slot.give_back()
+            await self.end_request(request, peer)
+            return
+        except Exception:
+            # Not a connection a header can be read from (see take_proxy_header).
+            self._failed += 1
+            slot.give_back()
+            await self.report_error(request, peer)
+            await self.end_request(request, peer)
+            return
+        except BaseException:
+            # A stop cut the wait: no task owns the request yet.
+            slot.give_back()
+            await self.end_request(request, peer)
+            raise
+        # In this task's context, so the request's task (and its thread) see it.
+        _current_proxy_header.set(header)
+        await self._verify_and_process(slot, request, proxied_address(header, request, peer))
+
+    def _refuse_proxied(self, peer: Any, error: ProxyProtocolError) -> None:
+        """Count and log a connection refused for its PROXY header (the caller closes it)."""
+        self.proxy_rejected += 1
+        self._refused += 1
+        LOGGER.info("refused the connection from %r: PROXY protocol: %s", peer, error)
+
+    async def _verify_and_process(
+        self, slot: CapacitySlot, request: Any, client_address: Any
+    ) -> None:
         """verify_request, then process_request; gives the slot back if no task took it."""
         server = self.server
-        self._accepted += 1
-        requests.slot = slot
+        admission = _Admission(slot)
+        token = _admission.set(admission)
         try:
             try:
                 verified = await call_hook(server.verify_request, request, client_address)
@@ -580,8 +670,9 @@ class Engine:
             await self.report_error(request, client_address)
             await self.end_request(request, client_address)
         finally:
-            if requests.slot is not None:
-                requests.slot = None
+            _admission.reset(token)
+            if admission.slot is not None:
+                admission.slot = None
                 slot.give_back()
 
     async def _get_request(self, requests: _Requests) -> tuple[Any, Any]:
@@ -630,11 +721,12 @@ class Engine:
         """Start handling the request in its own task (``runner``, or the engine's own
         way: an async handler in the task, a sync one on a thread); returns at once."""
         requests = self._requests
-        if requests is None or requests.slot is None:
+        admission = _admission.get()
+        if requests is None or admission is None or admission.slot is None:
             raise RuntimeError(
                 "process_request() starts a request only when the serve loop calls it"
             )
-        slot, requests.slot = requests.slot, None
+        slot, admission.slot = admission.slot, None
         requests.nursery.start_soon(
             self._run_request,
             slot,

@@ -14,6 +14,7 @@ import trio
 
 from ._drain import BoundarySocketIO, Exchange
 from ._engine import call_hook, drain_exchange, io_stream_for, is_async_handler
+from ._proxy import ProxyHeader, current_proxy_header
 from ._socket_stream import SocketFastStream
 from ._streams import StreamReader, StreamWriter
 
@@ -29,16 +30,22 @@ class BaseRequestHandler:
     :meth:`setup` / :meth:`finish`).
 
     ``self.request``, ``self.client_address`` and ``self.server`` are set
-    before :meth:`setup`. :meth:`finish` runs even when :meth:`handle` raises
-    (Python 3 semantics). With ``async def handle``, ``setup`` and ``finish``
-    may be sync or async, and the server awaits :meth:`run`; with a sync
-    ``handle``, the constructor runs all three, as in the stdlib.
+    before :meth:`setup`, and so is ``self.proxy_header``: the
+    :class:`~trio_socketserver.ProxyHeader` a balancer sent on a server with
+    ``proxy_protocol`` set, else None. :meth:`finish` runs even when
+    :meth:`handle` raises (Python 3 semantics). With ``async def handle``,
+    ``setup`` and ``finish`` may be sync or async, and the server awaits
+    :meth:`run`; with a sync ``handle``, the constructor runs all three, as in
+    the stdlib.
     """
+
+    proxy_header: ProxyHeader | None
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
         self.request = request
         self.client_address = client_address
         self.server = server
+        self.proxy_header = current_proxy_header()
         if not is_async_handler(type(self)):
             self.setup()
             try:
