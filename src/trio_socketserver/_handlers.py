@@ -124,7 +124,7 @@ class StreamRequestHandler(BaseRequestHandler):
     the same for one ``wfile.write``/``writelines``/``flush``. Exceeded: the
     call raises ``TimeoutError`` in the handler, which may answer the client
     before it returns; the default ``handle_error`` logs it as one INFO line.
-    ``None`` (the default): no bound, at no cost per call. A sync handler reads
+    ``None`` (the default): no bound, and no cancel scope per call. A sync handler reads
     and writes with the stdlib's file objects, which they cannot bound: setting
     either on one is refused with ``ValueError`` when serving starts (bound its
     requests with the server's ``request_deadline`` instead).

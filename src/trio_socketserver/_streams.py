@@ -64,7 +64,7 @@ class StreamReader:
         (:meth:`readline`, :meth:`read`, :meth:`readexactly`, :meth:`read1`, one step of
         ``async for``) may take in total, however the bytes trickle in. It may be changed at
         any time; the new value applies from the next read. It must be None or a
-        non-negative number. None (the default) costs a read nothing.
+        non-negative number. None (the default) opens no cancel scope per read.
 
     Cancellation:
       A read is a checkpoint only when it has to receive from the stream; a read that can be
