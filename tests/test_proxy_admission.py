@@ -9,8 +9,6 @@ from __future__ import annotations
 import http.server
 import ipaddress
 import logging
-import os
-import shutil
 import socket
 import ssl
 import struct
@@ -25,7 +23,7 @@ import trio.testing
 import trustme
 
 import trio_socketserver as ts
-from conftest import receive_all
+from conftest import haproxy_binary, receive_all
 from trio_socketserver import ProxyHeader, compat, current_proxy_header
 from trio_socketserver._proxy import V2_SIGNATURE
 from trio_socketserver._proxy_admission import ProxySettings, proxied_address, trusts
@@ -638,10 +636,6 @@ def test_proxied_address_keeps_the_peer_when_the_header_names_no_one() -> None:
 
 # -- a real balancer ---------------------------------------------------------------------------
 
-HAPROXY = shutil.which("haproxy") or next(
-    (path for path in ["/usr/sbin/haproxy"] if os.access(path, os.X_OK)), None
-)
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -659,8 +653,8 @@ class Checked(AsyncReport):
         await super().handle()
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
 async def test_haproxy_send_proxy_and_send_proxy_v2(tmp_path: Path) -> None:
+    haproxy_path = haproxy_binary()
     server = type("Server", (Records, ts.TCPServer), {"proxy_protocol": "auto"})(LOCALHOST, Checked)
     server.seen, server.verified, server.checked = [], [], trio.Event()
     v1_port, v2_port = free_port(), free_port()
@@ -686,11 +680,10 @@ backend v2
     server app {app} send-proxy-v2 proxy-v2-options unique-id check inter 100ms
 """
     )
-    assert HAPROXY is not None
     with trio.fail_after(TEST_TIMEOUT):
         async with serving(server):
             haproxy = await trio.lowlevel.open_process(
-                [HAPROXY, "-db", "-f", str(config)],
+                [haproxy_path, "-db", "-f", str(config)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
