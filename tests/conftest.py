@@ -131,6 +131,27 @@ def serving_on_thread(server: Any, poll_interval: float | None = 0.5) -> Iterato
     assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
 
 
+def haproxy_binary() -> str:
+    """The haproxy program for the tests that run behind a real one.
+
+    Missing, the test is skipped with the reason, unless TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1
+    (CI sets it, after installing haproxy), which makes a missing haproxy a failure: CI can
+    never skip these tests.
+    """
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found is not None:
+        return found
+    if os.environ.get("TRIO_SOCKETSERVER_REQUIRE_HAPROXY") == "1":
+        pytest.fail("TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1, but haproxy is not installed")
+    pytest.skip(
+        "haproxy is not installed (apt install haproxy); "
+        "TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1 turns this skip into a failure"
+    )
+
+
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter that imports this checkout; fail on a non-zero exit.
 

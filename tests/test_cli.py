@@ -140,6 +140,20 @@ def test_server_class_carries_the_options() -> None:
     assert trio_socketserver.ThreadingTCPServer.address_family == V4
 
 
+def test_proxy_protocol_options_reach_the_server_class() -> None:
+    config = config_from(
+        "--proxy-protocol", "v2", "--proxy-trusted", "10.0.0.0/8", "--proxy-trusted", "::1"
+    )
+    assert (config.proxy_protocol, config.proxy_trusted) == ("v2", ("10.0.0.0/8", "::1"))
+    cls = server_class(config, Endpoint(V4, ("127.0.0.1", 0)))
+    assert (cls.proxy_protocol, cls.proxy_trusted) == ("v2", ("10.0.0.0/8", "::1"))
+    # Without --proxy-trusted the server's own default (loopback) stays.
+    default = server_class(config_from("--proxy-protocol", "auto"), Endpoint(UNIX, "x"))
+    assert default.proxy_protocol == "auto"
+    assert default.proxy_trusted == trio_socketserver.BaseServer.proxy_trusted
+    assert server_class(config_from(), Endpoint(V4, ("127.0.0.1", 0))).proxy_protocol is None
+
+
 def test_drain_delay_defaults_to_zero() -> None:
     assert config_from().drain_delay == 0
     assert config_from("--drain-delay", "1.5").drain_delay == 1.5
@@ -160,6 +174,16 @@ def test_sigterm_keeps_accepting_for_the_drain_delay() -> None:
 
 def test_shutdown_grace_may_be_infinite() -> None:
     assert config_from("--shutdown-grace", "inf").shutdown_grace == math.inf
+
+
+def test_request_deadline_reaches_every_server_class() -> None:
+    assert config_from().request_deadline is None
+    config = config_from("--request-deadline", "2.5", "--udp", "--threading")
+    cls = server_class(config, Endpoint(V4, ("127.0.0.1", 0)))
+    assert issubclass(cls, trio_socketserver.ThreadingUDPServer)
+    assert cls.request_deadline == 2.5
+    default = server_class(config_from(), Endpoint(V4, ("127.0.0.1", 0)))
+    assert default.request_deadline is None
 
 
 # -- one-line errors (in-process: nothing is served) --------------------------
@@ -199,12 +223,21 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--max-connections", "0"], "expected a whole number >= 1"),
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
+        (["--request-deadline", "-1"], "expected seconds >= 0"),
         (["--drain-delay", "-1"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
         (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
         (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
         (["--udp", "--tls-cert", "cert.pem"], "stream servers only; drop --udp"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--proxy-protocol", "v3"], "invalid choice: 'v3'"),
+        (["--udp", "--proxy-protocol", "v1"], "--proxy-protocol works with stream servers only"),
+        (["--proxy-trusted", "10.0.0.0/8"], "--proxy-trusted needs --proxy-protocol"),
+        (
+            ["--proxy-protocol", "v1", "--proxy-trusted", "10.0.0.1/8"],
+            "expected an address or network, e.g. 10.0.0.0/8",
+        ),
+        (["--proxy-protocol", "v1", "--proxy-trusted", "lb.internal"], "address or network"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(
@@ -306,6 +339,33 @@ def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     assert float(report[1]) >= grace  # the stop took the grace, counted from the signal
 
 
+@pytest.mark.usefixtures("no_leaks")
+def test_request_deadline_cuts_a_connection_logs_and_reports_it() -> None:
+    deadline = 0.5
+    with ServerProcess(
+        *CLI, "--bind", "127.0.0.1:0", "--request-deadline", str(deadline)
+    ) as server:
+        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+            connected = time.monotonic()
+            peer = client.getsockname()
+            try:
+                assert client.recv(100) == b""  # a silent client, far inside the timeout
+            except ConnectionResetError:
+                pass  # a cut connection may also be reset: either way, it ended
+            assert time.monotonic() - connected >= deadline
+        server.wait_for_line(
+            re.escape(
+                f"request from {peer!r} cut short: it ran longer than request_deadline "
+                f"({deadline} s)"
+            ),
+            stream="stderr",
+        )
+        echo(server.address(), b"still serving\n")
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert "requests finished: 1, failed: 0, cut short: 1" in server.stderr
+
+
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.usefixtures("no_leaks")
 def test_second_signal_stops_at_once(second: int, status: int) -> None:
@@ -316,6 +376,8 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
     ):
         client.sendall(b"x\n")
         assert read_until(client, b"\n") == b"x\n"
+        # Mid-line: the drain waits for this request (between two lines it would end it).
+        client.sendall(b"half a li")
         server.send_signal(signal.SIGINT)
         server.wait_for_line("SIGINT: shutting down", stream="stderr")
         server.send_signal(second)
@@ -340,6 +402,29 @@ def test_several_binds_serve_together_and_stop_together() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0, refused: 0") == 2
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_behind_a_balancer_with_proxy_protocol() -> None:
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--proxy-protocol", "v1") as server:
+        address = server.address()
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            header = b"PROXY TCP4 203.0.113.7 192.0.2.1 41000 443\r\n"
+            client.sendall(header + b"forwarded\n")
+            assert read_until(client, b"\n") == b"forwarded\n"  # the header is not echoed
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"no header\n")
+            try:
+                assert client.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with the line unread: a reset is the same refusal
+        server.wait_for_line(
+            r"INFO trio_socketserver: refused the connection from \('127\.0\.0\.1', \d+\): "
+            r"PROXY protocol: no PROXY protocol v1 header",
+            stream="stderr",
+        )
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 0
 
 
 @pytest.mark.usefixtures("no_leaks")

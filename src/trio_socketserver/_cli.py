@@ -130,8 +130,14 @@ class Config:
     max_connections: int | None = None
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
+    request_deadline: float | None = None
+    """None: no bound on how long one request (a stream server's connection) may run."""
     drain_delay: float = 0.0
     ssl_context: ssl.SSLContext | None = None
+    proxy_protocol: str | None = None
+    """``"v1"``, ``"v2"``, ``"auto"``, or None: no PROXY protocol header."""
+    proxy_trusted: tuple[str, ...] | None = None
+    """Who may send a PROXY header; None: the server's default (loopback)."""
     health: Endpoint | None = None
     """Where to serve the health endpoint (``--health-bind``), if anywhere."""
 
@@ -367,6 +373,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an address or network, e.g. 10.0.0.0/8 or 2001:db8::/32: {exc}"
+        ) from None
+    return text
+
+
 def _bind(text: str) -> Endpoint:
     try:
         return parse_bind(text)
@@ -381,6 +397,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+PROXY_PROTOCOL_CHOICES = ("v1", "v2", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -440,6 +457,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         f"cancelled (default: {BaseServer.shutdown_grace})",
     )
     what.add_argument(
+        "--request-deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the longest one request may run (for streams: the whole connection), so "
+        "that a client trickling bytes cannot hold it forever; then it is cut as at the "
+        "end of --shutdown-grace and logged (default: no limit)",
+    )
+    what.add_argument(
         "--drain-delay",
         type=_seconds,
         default=0.0,
@@ -451,6 +476,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
+    )
+    balancer = parser.add_argument_group("behind a load balancer")
+    balancer.add_argument(
+        "--proxy-protocol",
+        choices=PROXY_PROTOCOL_CHOICES,
+        help="every connection starts with a PROXY protocol header of this version (auto: "
+        "either), as HAProxy's send-proxy / send-proxy-v2 send it; handlers see the "
+        "original client's address. A connection without one is closed",
+    )
+    balancer.add_argument(
+        "--proxy-trusted",
+        action="append",
+        type=_network,
+        metavar="CIDR",
+        help="a peer address or network that may send the header, e.g. 10.0.0.0/8; "
+        "repeatable; replaces the default, loopback (127.0.0.0/8 and ::1). Peers on a Unix "
+        "socket are always trusted",
     )
     parser.add_argument(
         "--log-level",
@@ -506,6 +548,12 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
         handler = load_handler(options.handler, udp=options.udp)
+    if options.proxy_protocol is not None and options.udp:
+        raise UsageError(
+            "--proxy-protocol works with stream servers only (a balancer's connections); drop --udp"
+        )
+    if options.proxy_trusted and options.proxy_protocol is None:
+        raise UsageError("--proxy-trusted needs --proxy-protocol (v1, v2 or auto)")
     return Config(
         endpoints=tuple(endpoints),
         handler=handler,
@@ -513,8 +561,11 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
+        request_deadline=options.request_deadline,
         drain_delay=options.drain_delay,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        proxy_protocol=options.proxy_protocol,
+        proxy_trusted=None if options.proxy_trusted is None else tuple(options.proxy_trusted),
         health=options.health_bind,
     )
 
@@ -591,5 +642,11 @@ def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.request_deadline is not None:
+        settings["request_deadline"] = config.request_deadline
+    if config.proxy_protocol is not None:
+        settings["proxy_protocol"] = config.proxy_protocol
+    if config.proxy_trusted is not None:
+        settings["proxy_trusted"] = config.proxy_trusted
     settings["drain_delay"] = config.drain_delay
     return type(base.__name__, (base,), settings)

@@ -22,6 +22,7 @@ from ._engine import (
     is_async_handler,
     set_nodelay,
 )
+from ._proxy import ProxyHeader, current_proxy_header
 from ._socket_stream import SocketFastStream
 from ._streams import StreamReader, StreamWriter
 
@@ -59,13 +60,17 @@ class BaseRequestHandler:
     :meth:`setup` / :meth:`finish`).
 
     ``self.request``, ``self.client_address`` and ``self.server`` are set
-    before :meth:`setup`. :meth:`finish` runs even when :meth:`handle` raises
-    (Python 3 semantics). With ``async def handle``, ``setup`` and ``finish``
-    may be sync or async, and the server awaits :meth:`run`; with a sync
-    ``handle``, the constructor runs all three, as in the stdlib.
+    before :meth:`setup`, and so is ``self.proxy_header``: the
+    :class:`~trio_socketserver.ProxyHeader` a balancer sent on a server with
+    ``proxy_protocol`` set, else None. :meth:`finish` runs even when
+    :meth:`handle` raises (Python 3 semantics). With ``async def handle``,
+    ``setup`` and ``finish`` may be sync or async, and the server awaits
+    :meth:`run`; with a sync ``handle``, the constructor runs all three, as in
+    the stdlib.
     """
 
     request: Any = _RequestOnFirstUse()
+    proxy_header: ProxyHeader | None
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
         if type(request) is Connection:
@@ -76,6 +81,7 @@ class BaseRequestHandler:
             self.request = request
         self.client_address = client_address
         self.server = server
+        self.proxy_header = current_proxy_header()
         if not is_async_handler(type(self)):
             self.setup()
             try:
@@ -147,11 +153,24 @@ class StreamRequestHandler(BaseRequestHandler):
     seconds any single wait for the peer may take before ``TimeoutError``
     (``None``: forever), which bounds clients that send nothing or half a
     line. ``disable_nagle_algorithm``: set ``TCP_NODELAY``.
+
+    Async ``handle`` only: ``read_deadline``: seconds one ``rfile`` call
+    (``readline``, ``read``, ``readexactly``, ``read1``, one step of ``async
+    for``) may take in total, however the bytes trickle in; ``write_deadline``:
+    the same for one ``wfile.write``/``writelines``/``flush``. Exceeded: the
+    call raises ``TimeoutError`` in the handler, which may answer the client
+    before it returns; the default ``handle_error`` logs it as one INFO line.
+    ``None`` (the default): no bound, and no cancel scope per call. A sync handler reads
+    and writes with the stdlib's file objects, which they cannot bound: setting
+    either on one is refused with ``ValueError`` when serving starts (bound its
+    requests with the server's ``request_deadline`` instead).
     """
 
     rbufsize: int = -1
     wbufsize: int = 0
     timeout: float | None = None
+    read_deadline: float | None = None
+    write_deadline: float | None = None
     disable_nagle_algorithm: bool = False
 
     connection: Any = _RequestOnFirstUse()
@@ -172,8 +191,12 @@ class StreamRequestHandler(BaseRequestHandler):
                 connection.set_nodelay(self.disable_nagle_algorithm)
                 io = connection.io
                 exchange = drain_exchange(self.server, connection)
-            self.rfile = StreamReader(io, self.rbufsize, self.timeout, exchange)
-            self.wfile = StreamWriter(io, self.wbufsize, self.timeout, exchange)
+            self.rfile = StreamReader(
+                io, self.rbufsize, self.timeout, exchange, deadline=self.read_deadline
+            )
+            self.wfile = StreamWriter(
+                io, self.wbufsize, self.timeout, exchange, deadline=self.write_deadline
+            )
             return _DONE
         self.connection = self.request
         if self.timeout is not None:

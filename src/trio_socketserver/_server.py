@@ -10,7 +10,7 @@ import math
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -20,6 +20,7 @@ from ._engine import Engine
 from ._engine import ServerStatistics as ServerStatistics
 from ._engine import call_hook as call_hook
 from ._engine import is_async_handler as is_async_handler
+from ._proxy_admission import DEFAULT_TRUSTED
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -69,13 +70,44 @@ class BaseServer:
     once; when that many run, the server stops accepting and new clients wait
     in the kernel backlog (``request_queue_size``) instead of in memory.
     Default ``None``: bounded only by the process's file descriptors.
+
+    ``request_deadline``: the longest, in seconds, that one request may run
+    in total (for a stream server: the connection, every message on it),
+    so that a client that trickles bytes just inside every ``timeout`` cannot
+    hold its task or thread forever. Exceeded: the request is cut exactly as
+    at the end of ``shutdown_grace`` (an async handler is cancelled; a sync
+    handler's connection is shut down so its thread returns), counted in
+    ``statistics().cancelled_requests``, and logged as one INFO line naming
+    the peer and the deadline. Default ``None``: no bound, as the stdlib.
+
+    ``proxy_protocol`` (stream servers): ``"v1"``, ``"v2"`` or ``"auto"`` (either) to
+    take a PROXY protocol header, which a balancer such as HAProxy (``send-proxy``,
+    ``send-proxy-v2``) sends first on each connection to say whom it forwards. The header
+    is read in the connection's own task before :meth:`verify_request`; from then on
+    ``client_address`` is the original client's, and the handler finds the whole header
+    (destination, v2 TLVs) as ``self.proxy_header``. A connection without a valid header
+    is closed (one log line at INFO; ``statistics().proxy_rejected_requests``). Default
+    ``None``: no header is expected, and one sent is the client's data.
+
+    ``proxy_trusted``: the addresses and networks (``"10.0.0.0/8"``, ``"2001:db8::1"``)
+    that may send a header; a peer not in it is closed whatever it sends. Default
+    loopback, for a balancer on the same host. Peers on a Unix socket are always trusted:
+    who may connect there is the socket file's permissions (``socket_mode``).
+
+    ``proxy_header_timeout``: seconds a client has to send its whole header; default
+    5.0, far beyond what a balancer on the same network needs. A connection holds its place
+    under the capacity limit from the moment it is accepted, header included.
     """
 
     socket: socket.socket
     timeout: float | None = None
     shutdown_grace: float | None = 5.0
+    request_deadline: float | None = None
     drain_delay: float = 0.0
     max_connections: int | None = None
+    proxy_protocol: str | None = None
+    proxy_trusted: Iterable[Any] = DEFAULT_TRUSTED
+    proxy_header_timeout: float = 5.0
     daemon_threads: bool = False
     block_on_close: bool = True
 
