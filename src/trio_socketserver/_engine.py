@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -88,9 +88,25 @@ BACKLOG_LIMIT = 4096
 # How long shutdown_request() may take once a stop has cut its request: long enough for an
 # async override to close the connection, short enough not to hold a hard stop.
 END_REQUEST_TIMEOUT = 1.0
-# What a request runs in when the server has no request_deadline (the default): a cancel scope
-# would cost every request a few microseconds for nothing. Reusable: it holds no state.
-_NO_DEADLINE = nullcontext()
+
+
+class _NoDeadline:
+    """What a request runs in when the server has no request_deadline (the default): a
+    cancel scope would cost every request a few microseconds for nothing. Reusable: it holds
+    no state. Its methods are static because a ``with`` block keeps its manager's bound
+    ``__exit__`` for as long as the block runs, a new object held by every idle connection,
+    where a static method is the function itself."""
+
+    @staticmethod
+    def __enter__() -> None:
+        return None
+
+    @staticmethod
+    def __exit__(*exc_info: object) -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
 # The handler attributes that bound one rfile/wfile call of an async handler; a sync handler
 # reads and writes with the stdlib's file objects, which they cannot bound.
 NATIVE_DEADLINES = ("read_deadline", "write_deadline")
@@ -364,22 +380,6 @@ class _Requests:
     request_deadline: float | None  # validated once per run, like the capacity limit
 
 
-@attrs.define(eq=False)
-class _Admission:
-    """A request between get_request() and process_request(): its place under the capacity
-    limit, until process_request() hands it to the request's task (see start_request)."""
-
-    slot: CapacitySlot | None
-
-
-# The admission of the request whose verify_request()/process_request() the current task is
-# in. A context variable: with the PROXY protocol each connection is admitted in its own task,
-# so several admissions may be under way at once (an async verify_request() awaits).
-_admission: contextvars.ContextVar[_Admission | None] = contextvars.ContextVar(
-    "trio_socketserver_admission", default=None
-)
-
-
 # A request's body, run by start_request(): returns whether the request failed.
 RequestRunner = Callable[[CapacitySlot, Any, Any], Awaitable[bool]]
 
@@ -403,6 +403,13 @@ class Engine:
     """from_socket() is running server_bind() on a socket bound elsewhere: the families
     record its address instead of binding it, and a Unix socket file is not theirs."""
     abandoned_threads: list[threading.Event] = attrs.Factory(list)
+    _admissions: dict[trio.lowlevel.Task, CapacitySlot] = attrs.Factory(dict)
+    """The place under the capacity limit of each request between get_request() and
+    process_request(), until process_request() hands it to the request's task (see
+    start_request); keyed by the task that admits it: the serve loop's, one request after
+    another, or with the PROXY protocol each connection's own, several at once. Not a context
+    variable: each request's task would inherit it, and hold it (in a context of its own)
+    for as long as its connection lives."""
     _trio_socket: trio.socket.SocketType | None = None
     _capacity_warning: RateLimitedWarning = attrs.Factory(RateLimitedWarning)
     _accepted: int = 0
@@ -718,8 +725,8 @@ class Engine:
     ) -> None:
         """verify_request, then process_request; gives the slot back if no task took it."""
         server = self.server
-        admission = _Admission(slot)
-        token = _admission.set(admission)
+        task = trio.lowlevel.current_task()
+        self._admissions[task] = slot
         try:
             try:
                 verified = await call_hook(server.verify_request, request, client_address)
@@ -737,9 +744,7 @@ class Engine:
             await self.report_error(request, client_address)
             await self.end_request(request, client_address)
         finally:
-            _admission.reset(token)
-            if admission.slot is not None:
-                admission.slot = None
+            if self._admissions.pop(task, None) is not None:
                 slot.give_back()
 
     async def _get_request(self, requests: _Requests) -> tuple[Any, Any]:
@@ -788,12 +793,11 @@ class Engine:
         """Start handling the request in its own task (``runner``, or the engine's own
         way: an async handler in the task, a sync one on a thread); returns at once."""
         requests = self._requests
-        admission = _admission.get()
-        if requests is None or admission is None or admission.slot is None:
+        slot = self._admissions.pop(trio.lowlevel.current_task(), None)
+        if requests is None or slot is None:
             raise RuntimeError(
                 "process_request() starts a request only when the serve loop calls it"
             )
-        slot, admission.slot = admission.slot, None
         requests.nursery.start_soon(
             self._run_request,
             slot,
