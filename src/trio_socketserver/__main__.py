@@ -8,6 +8,7 @@
 # `PROG: error: ...` line, as argparse prints them.
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -23,12 +24,13 @@ from ._cli import (
     PROG,
     Config,
     UsageError,
+    cannot_listen,
     load_config,
     parse_options,
     server_class,
 )
 from ._server import LOGGER, BaseServer, is_async_handler
-from ._signals import describe_address, forced_exit_status, serve_until_signal
+from ._signals import forced_exit_status, serve_until_signal
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The engine logs one line per connection here (peer, duration, bytes, outcome).
@@ -46,6 +48,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         _error(prog, str(exc))
         return EXIT_USAGE
     configure_logging(options.log_level, access_log=options.access_log)
+    if options.workers is not None:
+        return _supervise(options, prog)
     try:
         config = load_config(options)
     except UsageError as exc:
@@ -68,6 +72,24 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     # traceback and becomes the documented failure status.
     except Exception:
         LOGGER.critical("the server failed", exc_info=True)
+        return EXIT_FAILURE
+
+
+def _supervise(options: argparse.Namespace, prog: str) -> int:
+    """``--workers``: run a supervisor (the workers run this same command line)."""
+    # Imported here: a one-process command line has no use for the supervisor.
+    from ._workers._command import run_supervisor
+
+    try:
+        return run_supervisor(options)
+    except UsageError as exc:
+        _error(prog, str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return forced_exit_status(signal.SIGINT)
+    # As main()'s: the last resort, logged with its traceback.
+    except Exception:
+        LOGGER.critical("the supervisor failed", exc_info=True)
         return EXIT_FAILURE
 
 
@@ -106,10 +128,7 @@ async def serve(config: Config, prog: str = PROG) -> int:
                     server_class(config, endpoint)(endpoint.address, config.handler, **tls)
                 )
             except OSError as exc:
-                where = describe_address(
-                    endpoint.family, endpoint.address, datagram=config.udp, tls=bool(tls)
-                )
-                _error(prog, f"cannot listen on {where}: {exc.strerror or exc}")
+                _error(prog, str(cannot_listen(endpoint, exc, udp=config.udp, tls=bool(tls))))
                 return EXIT_USAGE
         return await serve_until_signal(*servers)
     finally:

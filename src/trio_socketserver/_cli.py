@@ -36,6 +36,7 @@ from ._families import (
 )
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
+from ._signals import describe_address
 
 PROG = "trio-socketserver"
 """The program's name as the console script; ``python -m trio_socketserver`` names itself so."""
@@ -116,6 +117,8 @@ class Config:
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     ssl_context: ssl.SSLContext | None = None
+    reuse_port: bool = False
+    """Bind TCP sockets with ``SO_REUSEPORT``: several processes can listen on one port."""
 
 
 def parse_bind(text: str) -> Endpoint:
@@ -232,6 +235,13 @@ def check_handler(text: str, target: object, *, udp: bool) -> type[Any]:
     if not udp and issubclass(target, _DATAGRAM_HANDLER):
         raise UsageError(f"--handler {text} is a datagram handler; add --udp to serve it")
     return target
+
+
+def cannot_listen(endpoint: Endpoint, exc: OSError, *, udp: bool, tls: bool) -> UsageError:
+    """The error for an address that cannot be bound (in use, no permission, unknown host,
+    a path that is not a socket)."""
+    where = describe_address(endpoint.family, endpoint.address, datagram=udp, tls=tls)
+    return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -419,6 +429,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
     )
+    processes = parser.add_argument_group("several processes")
+    processes.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="serve with N worker processes under a supervisor that binds the sockets once, "
+        "replaces a worker that dies and reloads them all on SIGHUP (default: serve in "
+        "this one process)",
+    )
+    processes.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind TCP sockets with SO_REUSEPORT; with --workers each worker binds its own "
+        "and the kernel spreads connections among them (see the docs for the trade-off)",
+    )
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -459,23 +484,72 @@ def load_config(options: argparse.Namespace) -> Config:
     Errors: ``UsageError`` for every mistake; one raised for a handler module
     that failed to import has that exception as its ``__cause__``.
     """
-    endpoints = list(options.bind)
-    endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
-    if not endpoints:
-        endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
+    endpoints = endpoints_of(options)
     if options.handler is None:
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
         handler = load_handler(options.handler, udp=options.udp)
     return Config(
-        endpoints=tuple(endpoints),
+        endpoints=endpoints,
         handler=handler,
         udp=options.udp,
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        reuse_port=options.reuse_port,
     )
+
+
+def endpoints_of(options: argparse.Namespace) -> tuple[Endpoint, ...]:
+    """Where ``options`` ask to listen: every ``--bind``, then every ``--unix``.
+
+    Errors: ``UsageError`` for ``--reuse-port`` with a Unix socket or ``--udp`` (it only
+    shares TCP ports).
+    """
+    endpoints = list(options.bind)
+    endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
+    if not endpoints:
+        endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
+    if options.reuse_port and options.udp:
+        raise UsageError(
+            "--reuse-port shares TCP ports only; with --udp every worker serves one shared socket"
+        )
+    if options.reuse_port and options.unix:
+        raise UsageError(
+            "--reuse-port shares TCP ports only, not Unix socket paths; drop --unix or --reuse-port"
+        )
+    return tuple(endpoints)
+
+
+# The options a supervisor (--workers) acts on itself: it binds the addresses (or, with
+# --reuse-port, gives each worker the address it bound) and serves the health endpoint.
+SUPERVISOR_OPTIONS = frozenset({"workers", "bind", "unix", "reuse_port"})
+
+
+def worker_arguments(options: argparse.Namespace) -> list[str]:
+    """The options a worker of ``--workers`` gets: all that were given but the supervisor's.
+
+    Written back from the parsed values (``str()`` of each), so an abbreviated or
+    ``--opt=value`` spelling reaches the worker in one canonical form.
+    """
+    arguments = []
+    # argparse keeps its options in a private list; it has kept it there since 2010.
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in SUPERVISOR_OPTIONS:
+            continue
+        value = getattr(options, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:
+            arguments.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                arguments += [flag, str(item)]
+        else:
+            arguments += [flag, str(value)]
+    return arguments
 
 
 _SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
@@ -517,4 +591,6 @@ def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.reuse_port and endpoint.family != socket.AF_UNIX:
+        settings["allow_reuse_port"] = True
     return type(base.__name__, (base,), settings)
