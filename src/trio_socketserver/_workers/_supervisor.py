@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -16,12 +17,13 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import attrs
 import trio
 
 from .._engine import LOGGER
+from .._notify import feed_watchdog, notify, watchdog_interval
 from ._policy import STABLE_AFTER, CrashPolicy
 from ._process import WorkerProcess, describe_exit, start_worker, wait_for_exit
 
@@ -42,10 +44,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RELOAD_SIGNAL = signal.SIGHUP
 
 
-def _no_notify(message: str) -> None:
-    """Where the supervisor's own sd_notify messages go without a NOTIFY_SOCKET."""
-
-
 @attrs.define(eq=False)
 class Supervisor:
     """Keeps ``workers`` worker processes running ``command`` on ``sockets``.
@@ -54,8 +52,11 @@ class Supervisor:
     ``["factory", "module:name"]`` (see _worker.py). ``addresses`` are the listening
     addresses as the log shows them, ``what`` what is served (``app:Handler``).
     ``stop_timeout``: seconds a worker asked to stop may take before it is SIGKILLed (None:
-    as long as it takes; the worker bounds its own drain). ``notify`` sends one sd_notify
-    message to the supervisor's own service manager.
+    as long as it takes; the worker bounds its own drain).
+
+    Its own service manager (``NOTIFY_SOCKET``, if set) hears ``READY=1`` once every worker
+    of the first generation is ready, ``RELOADING=1`` and ``READY=1`` around a reload,
+    ``STOPPING=1`` when it stops, ``STATUS=`` lines, and ``WATCHDOG=1`` if asked.
     """
 
     command: Sequence[str]
@@ -66,7 +67,6 @@ class Supervisor:
     addresses: Sequence[str]
     stop_timeout: float | None = None
     ready_timeout: float = READY_TIMEOUT
-    notify: Callable[[str], None] = _no_notify
 
     _phase: str = "starting"  # then "serving", and "stopping"
     _current: list[WorkerProcess | None] = attrs.Factory(list)
@@ -86,6 +86,8 @@ class Supervisor:
     _notify_dir: str = ""
     _watch_fd: int = -1
     _serial: int = 0
+    # What the service manager is told, in order, by one task (see _tell).
+    _notices: trio.MemorySendChannel[tuple[str, ...]] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.workers < 1:
@@ -106,16 +108,23 @@ class Supervisor:
         # sees EOF the moment this process is gone, however it ends.
         watch_fd, keep_fd = os.pipe()
         self._watch_fd = watch_fd
+        self._notices, notices = trio.open_memory_channel[tuple[str, ...]](math.inf)
         try:
             with trio.open_signal_receiver(*STOP_SIGNALS, RELOAD_SIGNAL) as signals:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._take_signals, signals)
-                    for slot in range(self.workers):
-                        self._current[slot] = self._start(slot, self._generation)
-                    nursery.start_soon(self._report_started, task_status)
-                    await self._done.wait()
-                    nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as telling:
+                    telling.start_soon(self._send_notices, notices)
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._take_signals, signals)
+                        interval = watchdog_interval(os.environ, os.getpid())
+                        if interval is not None:
+                            nursery.start_soon(feed_watchdog, interval)
+                        for slot in range(self.workers):
+                            self._current[slot] = self._start(slot, self._generation)
+                        nursery.start_soon(self._report_started, task_status)
+                        await self._done.wait()
+                        nursery.cancel_scope.cancel()
+                    self._notices.close()  # what is queued is still sent
         finally:
             with trio.CancelScope(shield=True):
                 await self._kill_the_rest()
@@ -123,6 +132,16 @@ class Supervisor:
             os.close(keep_fd)
             shutil.rmtree(self._notify_dir, ignore_errors=True)
         return self._status
+
+    async def _send_notices(self, receive: trio.MemoryReceiveChannel[tuple[str, ...]]) -> None:
+        async for assignments in receive:
+            await notify(*assignments)
+
+    def _tell(self, *assignments: str) -> None:
+        """Notify the service manager (in the order of the calls, without waiting)."""
+        if self._notices is not None:
+            with contextlib.suppress(trio.ClosedResourceError):  # stopped: nobody listens
+                self._notices.send_nowait(assignments)
 
     async def _report_started(self, task_status: trio.TaskStatus[None]) -> None:
         await self._ready.wait()
@@ -208,7 +227,7 @@ class Supervisor:
                     self.workers,
                     address,
                 )
-            self.notify(f"READY=1\nSTATUS={self._describe_workers()}")
+            self._tell("READY=1", f"STATUS={self._describe_workers()}")
             self._ready.set()
             if self._reload_pending:
                 self._reload_pending = False
@@ -303,9 +322,10 @@ class Supervisor:
             generation,
             self.workers,
         )
-        self.notify(
-            f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
-            f"STATUS=reloading: starting generation {generation}"
+        self._tell(
+            "RELOADING=1",
+            f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+            f"STATUS=reloading: starting generation {generation}",
         )
         self._incoming = [self._start(slot, generation) for slot in range(self.workers)]
 
@@ -323,7 +343,7 @@ class Supervisor:
         )
         for worker in old:
             self._ask_to_stop(worker)
-        self.notify(f"READY=1\nSTATUS={self._describe_workers()}")
+        self._tell("READY=1", f"STATUS={self._describe_workers()}")
         self._reload_again_if_asked()
 
     def _abandon_reload(self, failed: WorkerProcess, how: str) -> None:
@@ -338,7 +358,7 @@ class Supervisor:
         for worker in self._incoming:
             self._ask_to_stop(worker)
         self._incoming = None
-        self.notify(f"READY=1\nSTATUS=reload failed; {self._describe_workers()}")
+        self._tell("READY=1", f"STATUS=reload failed; {self._describe_workers()}")
         self._reload_again_if_asked()
 
     def _reload_again_if_asked(self) -> None:
@@ -351,7 +371,7 @@ class Supervisor:
     def _stop(self, status: int) -> None:
         self._phase = "stopping"
         self._status = status
-        self.notify(f"STOPPING=1\nSTATUS=stopping {len(self._alive)} workers")
+        self._tell("STOPPING=1", f"STATUS=stopping {len(self._alive)} workers")
         self._incoming = None
         for worker in list(self._alive):
             self._ask_to_stop(worker)
