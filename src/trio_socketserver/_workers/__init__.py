@@ -10,6 +10,6 @@
 #   worker:     _worker.py (its start: tied to the supervisor, sockets at fd 3 onward),
 #               _factory.py (a serve_workers() worker: the program's server factory,
 #               which the supervisor names there too),
-#               _report.py (its statistics, sent to the supervisor)
+#               _reporting.py (its statistics, sent to the supervisor)
 #   both:       _wire.py (the sd_notify messages between them)
 """Worker processes under a supervisor: ``--workers N`` and :func:`serve_workers`."""

@@ -24,6 +24,8 @@ import trio
 
 from .._engine import LOGGER
 from .._notify import feed_watchdog, notify, watchdog_interval
+from .._signals import report_stop
+from ._metrics import totals
 from ._policy import STABLE_AFTER, CrashPolicy
 from ._process import WorkerProcess, describe_exit, start_worker, wait_for_exit
 
@@ -86,6 +88,7 @@ class Supervisor:
     _notify_dir: str = ""
     _watch_fd: int = -1
     _serial: int = 0
+    _stop_began: float | None = None
     # What the service manager is told, in order, by one task (see _tell).
     _notices: trio.MemorySendChannel[tuple[str, ...]] | None = None
 
@@ -131,7 +134,15 @@ class Supervisor:
             os.close(watch_fd)
             os.close(keep_fd)
             shutil.rmtree(self._notify_dir, ignore_errors=True)
+        self._report_stop()
         return self._status
+
+    def _report_stop(self) -> None:
+        """The stop report of every address: the sum of the workers' own."""
+        elapsed = None if self._stop_began is None else trio.current_time() - self._stop_began
+        note = f" (summed over {len(self._exited)} workers)"
+        for where, stats in totals(self._exited).items():
+            report_stop(where, stats, elapsed, note=note)
 
     async def _send_notices(self, receive: trio.MemoryReceiveChannel[tuple[str, ...]]) -> None:
         async for assignments in receive:
@@ -227,13 +238,14 @@ class Supervisor:
                     self.workers,
                     address,
                 )
+            LOGGER.info("generation 1 is ready (workers %s)", _pid_list(self._current))
             self._tell("READY=1", f"STATUS={self._describe_workers()}")
             self._ready.set()
             if self._reload_pending:
                 self._reload_pending = False
                 self._begin_reload()
-        elif worker in self._current:
-            LOGGER.info("worker %d is ready (replaces a worker that died)", worker.pid)
+        elif self._phase == "serving" and worker in self._current:
+            LOGGER.info("worker %d is ready (it replaces one that died)", worker.pid)
 
     def _worker_exited(self, worker: WorkerProcess, returncode: int) -> None:
         how = describe_exit(returncode)
@@ -338,8 +350,8 @@ class Supervisor:
         LOGGER.info(
             "generation %d is ready (workers %s); the old workers drain (%s)",
             self._generation,
-            _pids(self._current),
-            _pids(old),
+            _pid_list(self._current),
+            _pid_list(old),
         )
         for worker in old:
             self._ask_to_stop(worker)
@@ -370,6 +382,7 @@ class Supervisor:
 
     def _stop(self, status: int) -> None:
         self._phase = "stopping"
+        self._stop_began = trio.current_time()
         self._status = status
         self._tell("STOPPING=1", f"STATUS=stopping {len(self._alive)} workers")
         self._incoming = None
@@ -397,8 +410,8 @@ class Supervisor:
     # -- what it says -------------------------------------------------------------
 
     def _describe_workers(self) -> str:
-        return f"{self.workers} workers serving (generation {self._generation}): " + ", ".join(
-            str(pid) for pid in _pids(self._current)
+        return f"{self.workers} workers serving (generation {self._generation}): " + _pid_list(
+            self._current
         )
 
     @property
@@ -417,5 +430,5 @@ class Supervisor:
         return list(self._exited)
 
 
-def _pids(workers: Iterable[WorkerProcess | None]) -> list[int]:
-    return [w.pid for w in workers if w is not None]
+def _pid_list(workers: Iterable[WorkerProcess | None]) -> str:
+    return ", ".join(str(w.pid) for w in workers if w is not None)

@@ -21,9 +21,10 @@ MAX_DATAGRAM = 65536
 """The largest notify datagram read (systemd reads at most its page-sized buffer; a worker
 with many servers writes a few hundred bytes per server)."""
 
-_COUNTERS = tuple(
+COUNTERS = tuple(
     field.name for field in attrs.fields(ServerStatistics) if field.type in (int, "int")
 )
+"""The numeric fields of :class:`ServerStatistics` (the rest are flags)."""
 
 
 @attrs.frozen
@@ -62,6 +63,8 @@ def decode_statistics(value: str) -> tuple[ServerFigures, ...]:
     """
     try:
         servers = json.loads(value)
+        if not isinstance(servers, list):
+            raise TypeError("not a list")
         return tuple(_figures(server) for server in servers)
     except (TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"not a statistics report: {value[:80]!r}") from exc
@@ -70,7 +73,7 @@ def decode_statistics(value: str) -> tuple[ServerFigures, ...]:
 def _figures(server: Mapping[str, object]) -> ServerFigures:
     fields = {field.name: server[field.name] for field in attrs.fields(ServerStatistics)}
     if not isinstance(server["server"], str) or not all(
-        isinstance(fields[name], int) for name in _COUNTERS
+        isinstance(fields[name], int) for name in COUNTERS
     ):
         raise TypeError("wrong types")
     return ServerFigures(server["server"], ServerStatistics(**fields))  # type: ignore[arg-type]

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import _reporting
+
 LISTEN_FDS_START = 3
 """The first inherited socket's descriptor, as sd_listen_fds() defines it."""
 
@@ -28,6 +30,7 @@ def main(link: Mapping[str, Any], argv: Sequence[str]) -> int:
     watch_fd = _move_above(link["watch"], LISTEN_FDS_START + len(link["sockets"]))
     follow_supervisor(link["supervisor"], watch_fd)
     place_sockets(link["sockets"])
+    _reporting.report_to_supervisor()
     mode, *args = argv
     if mode == "cli":
         from .. import __main__

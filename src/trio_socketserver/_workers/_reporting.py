@@ -37,8 +37,18 @@ async def send_statistics(figures: Sequence[ServerFigures]) -> None:
     await notify(encode_statistics(figures))
 
 
-async def report_statistics(figures: Callable[[], Sequence[ServerFigures]]) -> None:
-    """Send ``figures()`` now and every ``REPORT_INTERVAL`` seconds, until cancelled."""
+async def report_statistics(
+    figures: Callable[[], Sequence[ServerFigures]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send ``figures()`` now and every ``REPORT_INTERVAL`` seconds, until cancelled.
+
+    Reports started once the first report is sent: started before ``READY=1``, the
+    supervisor knows every address of a worker that it hears is ready.
+    """
+    await send_statistics(figures())
+    task_status.started()
     while True:
-        await send_statistics(figures())
         await trio.sleep(REPORT_INTERVAL)
+        await send_statistics(figures())

@@ -1,0 +1,493 @@
+# Several processes: `trio-socketserver --workers N` and serve_workers(), run as users run
+# them (a child process), with real clients, real signals and real crashes: which workers
+# serve, a worker killed under load, a reload under load, a reload that cannot start, the
+# stop, and the supervisor killed. The rules without processes (crash policy, the notify
+# messages, the workers' command line) are tested as plain functions at the end.
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from conftest import wait_for_exit
+from serving_process import ServerProcess, ip_address, read_until
+from trio_socketserver._cli import UsageError, endpoints_of, parse_options, worker_arguments
+from trio_socketserver._engine import ServerStatistics
+from trio_socketserver._workers._factory import name_factory
+from trio_socketserver._workers._policy import BACKOFF, CRASH_LOOP, STABLE_AFTER, CrashPolicy
+from trio_socketserver._workers._wire import (
+    ServerFigures,
+    decode_statistics,
+    encode_statistics,
+    parse_notify,
+)
+
+CLI = ("-m", "trio_socketserver")
+# Bounds every client wait; a passing test never comes near it.
+TIMEOUT = 10.0
+# A worker's death (SIGKILL) or its supervisor's reaches it at once; this bounds how long
+# the test waits for the exits to be seen.
+GONE_WITHIN = 2.0
+
+SERVING = r": serving (?P<what>.+?) with (?P<n>\d+) workers on (?P<kind>\S+) (?P<where>.+) \(Ctrl-C"
+READY = r"generation {} is ready \(workers (?P<pids>[\d, ]+)\)"
+
+# Answers each line with the pid of the worker that serves it.
+PID_HANDLER = """\
+import os
+
+import trio_socketserver
+
+
+class Pid(trio_socketserver.StreamRequestHandler):
+    async def handle(self):
+        async for line in self.rfile:
+            await self.wfile.write(b"%d %s" % (os.getpid(), line))
+"""
+
+
+@attrs.define
+class Supervised:
+    """A supervisor started for a test, once all its first workers are ready."""
+
+    process: ServerProcess
+    address: tuple[str, int]
+    pids: set[int]
+
+    def ready_pids(self, generation: int) -> set[int]:
+        """The workers of ``generation`` once it is ready (waits for the log line)."""
+        match = self.process.wait_for_line(READY.format(generation), stream="stderr")
+        return {int(pid) for pid in match["pids"].split(", ")}
+
+
+Start = Callable[..., Supervised]
+
+
+@pytest.fixture
+def handler_dir(tmp_path: Path) -> Path:
+    (tmp_path / "pid_handler.py").write_text(PID_HANDLER)
+    return tmp_path
+
+
+@pytest.fixture
+def supervise(handler_dir: Path) -> Iterator[Start]:
+    """Start ``trio-socketserver --workers N ARGS...`` in ``handler_dir``; every process
+    started is killed and reaped at the end of the test, whatever happened."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, workers: int = 2) -> Supervised:
+        process = ServerProcess(*CLI, "--workers", str(workers), *args, cwd=handler_dir)
+        started.append(process)
+        process.__enter__()
+        match = process.wait_for_line(SERVING, stream="stderr")
+        address = ip_address(match["where"]) if match["kind"].startswith(("tcp", "udp")) else None
+        supervised = Supervised(process, address, set())  # type: ignore[arg-type]
+        supervised.pids = supervised.ready_pids(1)
+        return supervised
+
+    yield start
+    for process in started:
+        process.__exit__(None, None, None)
+
+
+def ask(address: tuple[str, int], line: bytes = b"hello\n") -> tuple[int, bytes]:
+    """One request on a fresh connection to the pid handler: (worker pid, echoed line)."""
+    with socket.create_connection(address, timeout=TIMEOUT) as client:
+        client.sendall(line)
+        pid, _, echo = read_until(client, b"\n").partition(b" ")
+        return int(pid), echo
+
+
+def stop(supervised: Supervised, signum: int = signal.SIGTERM) -> int:
+    supervised.process.send_signal(signum)
+    return supervised.process.wait()
+
+
+# -- serving ------------------------------------------------------------------------
+
+
+def test_distinct_workers_serve(supervise: Start) -> None:
+    # One request at a time per worker: while the first connection is open, its worker
+    # accepts nothing more, so the second one must be served by the other worker.
+    supervised = supervise("--handler", "pid_handler:Pid", "--max-connections", "1")
+    assert len(supervised.pids) == 2
+    with socket.create_connection(supervised.address, timeout=TIMEOUT) as first:
+        first.sendall(b"one\n")
+        pid_one = int(read_until(first, b"\n").split()[0])
+        pid_two, echo = ask(supervised.address, b"two\n")
+    assert echo == b"two\n"
+    assert {pid_one, pid_two} == supervised.pids
+    assert supervised.process.proc.pid not in supervised.pids  # the supervisor serves nothing
+    assert stop(supervised) == 0
+
+
+def test_sigterm_drains_every_worker_and_reports_their_sum(supervise: Start) -> None:
+    supervised = supervise("--handler", "pid_handler:Pid")
+    for i in range(6):
+        assert ask(supervised.address, b"%d\n" % i)[1] == b"%d\n" % i
+    assert stop(supervised) == 0
+    assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
+    report = re.search(
+        r"stopped serving on tcp [\d.:]+ in [\d.]+ s: requests finished: (\d+), failed: 0, "
+        r"cut short: 0, refused: 0 \(summed over 2 workers\)",
+        supervised.process.stderr,
+    )
+    assert report is not None, supervised.process.stderr
+    assert int(report[1]) == 6
+
+
+def test_a_second_signal_stops_at_once(supervise: Start, handler_dir: Path) -> None:
+    (handler_dir / "stuck.py").write_text(
+        "import trio, trio_socketserver\n"
+        "class Stuck(trio_socketserver.StreamRequestHandler):\n"
+        "    async def handle(self):\n"
+        "        await self.rfile.readline()\n"
+        "        await self.wfile.write(b'in\\n')\n"
+        "        await trio.sleep_forever()\n"
+    )
+    supervised = supervise("--handler", "stuck:Stuck", "--shutdown-grace", "60")
+    with socket.create_connection(supervised.address, timeout=TIMEOUT) as client:
+        client.sendall(b"x\n")
+        assert read_until(client, b"\n") == b"in\n"
+        supervised.process.send_signal(signal.SIGTERM)
+        supervised.process.wait_for_line(r"SIGTERM: stopping; every worker drains", stream="stderr")
+        started = time.monotonic()
+        assert stop(supervised) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < TIMEOUT / 2
+    assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
+
+
+def test_no_worker_outlives_a_killed_supervisor(supervise: Start) -> None:
+    supervised = supervise()
+    supervised.process.proc.kill()
+    supervised.process.proc.wait(TIMEOUT)
+    assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
+
+
+# -- crashes --------------------------------------------------------------------------
+
+
+def test_a_worker_killed_under_load_is_replaced_and_costs_only_its_requests(
+    supervise: Start,
+) -> None:
+    supervised = supervise("--handler", "pid_handler:Pid")
+    victim = min(supervised.pids)
+    load = Load(supervised.address, clients=4)
+    with load.running():
+        load.wait_for(20)
+        os.kill(victim, signal.SIGKILL)
+        replacement = supervised.process.wait_for_line(
+            r"worker (\d+) is ready \(it replaces one that died\)", stream="stderr"
+        )
+        load.wait_for(load.served + 20)
+    assert f"worker {victim} killed by SIGKILL" in supervised.process.stderr
+    assert int(replacement[1]) not in supervised.pids
+    # Each client has one request in flight at a time: at most that many were the killed
+    # worker's; a connection still waiting in the shared backlog went to another worker.
+    assert load.failed <= load.clients, load.errors
+    assert victim not in load.pids_after_kill(victim)
+    assert stop(supervised) == 0
+
+
+def test_a_crash_loop_ends_the_supervisor_with_status_1(handler_dir: Path) -> None:
+    # Every worker dies as soon as it serves: a fast crash, again and again.
+    (handler_dir / "dies.py").write_text(
+        "import os, threading, trio_socketserver\n"
+        "threading.Timer(0.05, os._exit, (3,)).start()\n"
+        "class Dies(trio_socketserver.StreamRequestHandler):\n"
+        "    async def handle(self):\n"
+        "        pass\n"
+    )
+    with ServerProcess(*CLI, "--workers", "1", "--handler", "dies:Dies", cwd=handler_dir) as sup:
+        assert sup.wait() == 1
+    assert f"crash loop: {CRASH_LOOP} workers in a row died within {STABLE_AFTER} s" in sup.stderr
+    assert sup.stderr.count("exited with status 3") == CRASH_LOOP
+
+
+def test_a_handler_that_does_not_import_stops_the_start_with_status_2(handler_dir: Path) -> None:
+    (handler_dir / "broken.py").write_text("raise RuntimeError('no database')\n")
+    with ServerProcess(*CLI, "--workers", "2", "--handler", "broken:H", cwd=handler_dir) as sup:
+        assert sup.wait() == 2
+    assert "RuntimeError: no database" in sup.stderr
+    assert "could not start (exited with status 2; its error is logged above); stopping" in (
+        sup.stderr
+    )
+
+
+# -- reload ---------------------------------------------------------------------------
+
+
+def test_a_reload_under_load_loses_nothing_and_leaves_only_new_workers(
+    supervise: Start,
+) -> None:
+    supervised = supervise("--handler", "pid_handler:Pid")
+    load = Load(supervised.address, clients=3, persistent=2)
+    with load.running():
+        load.wait_for(20)
+        supervised.process.send_signal(signal.SIGHUP)
+        new = supervised.ready_pids(2)
+        assert wait_for_exit(supervised.pids, TIMEOUT) == set()  # the old ones drained
+        after = load.served
+        load.wait_for(after + 30)
+    assert new.isdisjoint(supervised.pids)
+    assert load.failed == 0, load.errors
+    assert load.pids_since(after) <= new
+    assert stop(supervised) == 0
+
+
+def test_a_reload_that_cannot_start_keeps_the_old_workers(
+    supervise: Start, handler_dir: Path
+) -> None:
+    supervised = supervise("--handler", "pid_handler:Pid")
+    (handler_dir / "pid_handler.py").write_text("raise ImportError('half-deployed')\n")
+    supervised.process.send_signal(signal.SIGHUP)
+    supervised.process.wait_for_line(
+        r"reload failed: new worker \d+ exited with status 2 before it was ready "
+        r"\(its error is logged above\); generation 1 keeps serving",
+        stream="stderr",
+    )
+    assert "ImportError: half-deployed" in supervised.process.stderr
+    for _ in range(4):
+        assert ask(supervised.address)[0] in supervised.pids
+    # Fixed, the next reload goes through.
+    (handler_dir / "pid_handler.py").write_text(PID_HANDLER)
+    supervised.process.send_signal(signal.SIGHUP)
+    new = supervised.ready_pids(3)
+    assert wait_for_exit(supervised.pids, TIMEOUT) == set()
+    assert ask(supervised.address)[0] in new
+    assert stop(supervised) == 0
+
+
+# -- the client load ---------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Load:
+    """Clients sending requests to the pid handler until stopped: ``clients`` on a fresh
+    connection per request, ``persistent`` on one connection each.
+
+    A persistent client that finds its connection closed before any byte of an answer
+    arrived (the server ended it at a message boundary, without reading the request) sends
+    that request again on a new connection, as an HTTP client retries on a keep-alive
+    connection the server closed. Anything else is a failure: a refused or reset connection,
+    a fresh connection closed before its answer, a partial or wrong answer.
+    """
+
+    address: tuple[str, int]
+    clients: int
+    persistent: int = 0
+    served: int = 0
+    failed: int = 0
+    errors: list[str] = attrs.Factory(list)
+    answers: list[tuple[float, int]] = attrs.Factory(list)
+    """(when, pid) of every answer."""
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+    _stop: threading.Event = attrs.Factory(threading.Event)
+    _progress: threading.Condition = attrs.Factory(threading.Condition)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        threads = [
+            threading.Thread(target=self._fresh, name=f"fresh client {i}")
+            for i in range(self.clients)
+        ] + [
+            threading.Thread(target=self._persistent, name=f"persistent client {i}")
+            for i in range(self.persistent)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            assert not any(t.is_alive() for t in threads)
+
+    def wait_for(self, served: int) -> None:
+        """Until ``served`` answers arrived in all (fails the test after ``TIMEOUT`` s)."""
+        with self._progress:
+            if not self._progress.wait_for(lambda: self.served >= served, TIMEOUT):
+                pytest.fail(f"{self.served} answers, not {served}; errors: {self.errors}")
+
+    def pids_since(self, served: int) -> set[int]:
+        return {pid for _, pid in self.answers[served:]}
+
+    def pids_after_kill(self, victim: int) -> set[int]:
+        """The pids that answered after the last answer of ``victim``."""
+        last = max(i for i, (_, pid) in enumerate(self.answers) if pid == victim)
+        return self.pids_since(last + 1)
+
+    def _answered(self, pid: int) -> None:
+        with self._progress:
+            self.served += 1
+            self.answers.append((time.monotonic(), pid))
+            self._progress.notify_all()
+
+    def _failure(self, what: str) -> None:
+        with self._lock:
+            self.failed += 1
+            self.errors.append(what)
+
+    def _fresh(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            line = b"fresh %d\n" % count
+            try:
+                pid, echo = ask(self.address, line)
+            except (OSError, EOFError, ValueError) as exc:
+                self._failure(f"fresh request {count}: {exc!r}")
+                continue
+            if echo != line:
+                self._failure(f"fresh request {count}: {echo!r}")
+            else:
+                self._answered(pid)
+
+    def _persistent(self) -> None:
+        count = 0
+        connection: socket.socket | None = None
+        while not self._stop.is_set():
+            count += 1
+            line = b"persistent %d\n" % count
+            for _attempt in range(3):
+                if connection is None:
+                    connection = socket.create_connection(self.address, timeout=TIMEOUT)
+                try:
+                    connection.sendall(line)
+                    first = connection.recv(1)
+                except ConnectionResetError:
+                    first = b""
+                if first:
+                    break
+                connection.close()  # ended at a message boundary: again, on a new one
+                connection = None
+            else:
+                self._failure(f"persistent request {count}: connection closed 3 times")
+                continue
+            try:
+                pid, _, echo = (first + read_until(connection, b"\n")).partition(b" ")
+            except (OSError, EOFError) as exc:
+                self._failure(f"persistent request {count}: cut in its answer: {exc!r}")
+                connection.close()
+                connection = None
+                continue
+            if echo != line:
+                self._failure(f"persistent request {count}: {echo!r}")
+            else:
+                self._answered(int(pid))
+        if connection is not None:
+            connection.close()
+
+
+# -- the rules, without processes ---------------------------------------------------------
+
+
+def test_backoff_doubles_and_the_fifth_fast_crash_in_a_slot_is_a_crash_loop() -> None:
+    policy = CrashPolicy()
+    delays = [policy.worker_died(0, uptime=0.5).delay for _ in range(CRASH_LOOP)]
+    assert delays == [*BACKOFF, None]
+    assert BACKOFF == (0.0, 0.25, 0.5, 1.0)
+
+
+def test_a_worker_that_ran_long_enough_starts_its_slot_afresh() -> None:
+    policy = CrashPolicy()
+    for _ in range(CRASH_LOOP - 1):
+        policy.worker_died(0, uptime=1.0)
+    assert policy.worker_died(1, uptime=1.0).streak == 1  # slots count apart
+    slow = policy.worker_died(0, uptime=STABLE_AFTER)
+    assert (slow.fast, slow.streak, slow.delay) == (False, 0, 0.0)
+    assert policy.worker_died(0, uptime=1.0).delay == 0.0
+
+
+def test_notify_messages_are_parsed_as_systemd_parses_them() -> None:
+    assert parse_notify(b"READY=1\nSTATUS=serving on x=1\nnonsense\n=3\nREADY=0") == {
+        "READY": "0",
+        "STATUS": "serving on x=1",
+    }
+
+
+def test_statistics_travel_in_a_custom_variable() -> None:
+    stats = ServerStatistics(1, 2, 3, 4, 5, 6, 7, serving=True, draining=False)
+    figures = (ServerFigures("tcp 127.0.0.1:80", stats),)
+    line = encode_statistics(figures)
+    assert line.startswith("X_TRIO_SOCKETSERVER_STATISTICS=")
+    assert decode_statistics(parse_notify(line.encode())["X_TRIO_SOCKETSERVER_STATISTICS"]) == (
+        figures
+    )
+    for bad in ["{}", "[1]", '[{"server": 1}]', "nope"]:
+        with pytest.raises(ValueError):
+            decode_statistics(bad)
+
+
+def test_workers_get_every_option_but_the_supervisors() -> None:
+    argv = [
+        "--workers=3",
+        "--bind",
+        "127.0.0.1:0",
+        "--handler",
+        "app:H",
+        "--threading",
+        "--max-conn",  # abbreviated: the worker gets it spelled out
+        "7",
+        "--shutdown-grace",
+        "0.5",
+        "--log-level",
+        "debug",
+        "--access-log",
+    ]
+    arguments = worker_arguments(parse_options(argv))
+    assert "--workers" not in arguments and "--bind" not in arguments
+    assert arguments == [
+        "--handler",
+        "app:H",
+        "--threading",
+        "--max-connections",
+        "7",
+        "--shutdown-grace",
+        "0.5",
+        "--log-level",
+        "DEBUG",
+        "--access-log",
+    ]
+    assert vars(parse_options(arguments)) == {
+        **vars(parse_options(argv)),
+        "workers": None,
+        "bind": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reuse-port", "--udp"], "--reuse-port shares TCP ports only"),
+        (["--reuse-port", "--unix", "x.sock"], "not Unix socket paths"),
+    ],
+)
+def test_reuse_port_is_for_tcp(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        endpoints_of(parse_options(argv))
+
+
+def made_here(sock: socket.socket) -> None:
+    """A factory at the top of a module: workers can import it."""
+
+
+def test_a_factory_must_be_importable_by_name() -> None:
+    assert name_factory(made_here) == (__name__, "made_here")
+    with pytest.raises(TypeError, match="workers can import by name"):
+        name_factory(lambda sock: None)  # type: ignore[arg-type, return-value]
+
+    def nested(sock: socket.socket) -> None: ...
+
+    with pytest.raises(TypeError, match="workers can import by name"):
+        name_factory(nested)  # type: ignore[arg-type]
