@@ -9,6 +9,7 @@ import contextlib
 import os
 import select
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,6 +37,16 @@ MAX_LINE = 65536
 
 # How long serving_on_thread() waits for serve_forever() to return after shutdown().
 SERVE_FOREVER_EXIT_TIMEOUT = 5.0
+
+
+def have_ipv6_loopback() -> bool:
+    """Whether this machine can bind ``::1`` (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def runs_handler_code(thread: threading.Thread) -> bool:

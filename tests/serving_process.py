@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -38,22 +39,31 @@ class ServerProcess:
     """A Python program run as ``python ARGS...`` with ``src`` on its path.
 
     ``PYTHONPATH=src`` makes the child import this tree whether or not the
-    package is installed in the venv running the tests.
+    package is installed in the venv running the tests. ``env`` adds variables to
+    the child's environment; ``pass_fds`` are descriptors it inherits (as
+    :class:`subprocess.Popen` takes them).
     """
 
-    def __init__(self, *args: str, cwd: Path | None = None) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p
+    def __init__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT / "src"), child_env.get("PYTHONPATH")) if p
         )
-        env["PYTHONUNBUFFERED"] = "1"
+        child_env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd or ROOT,
-            env=env,
+            env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._open: list[IO[bytes]] = [self.proc.stdout, self.proc.stderr]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 import signal
 import socket
 import ssl
@@ -18,6 +19,7 @@ import pytest
 import trustme
 
 import trio_socketserver
+from conftest import have_ipv6_loopback
 from serving_process import (
     ServerProcess,
     ip_address,
@@ -208,7 +210,7 @@ def test_help_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
         cli_main.main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    for text in ["--bind HOST:PORT", "--shutdown-grace", "Exit status", "130/143"]:
+    for text in ["--bind HOST:PORT", "--health-bind HOST:PORT", "Exit status", "130/143"]:
         assert text in out
 
 
@@ -243,7 +245,12 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert "Traceback" not in server.stderr
-    assert "requests finished: 1, failed: 0, cut short: 0" in server.stderr
+    assert re.search(
+        rf": stopped serving on tcp 127\.0\.0\.1:{port} in \d+\.\d\d s: "
+        "requests finished: 1, failed: 0, cut short: 0, refused: 0$",
+        server.stderr,
+        re.MULTILINE,
+    )
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -265,7 +272,13 @@ def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
             assert client.recv(100) == b""
             assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
-    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
+    report = re.search(
+        r" in (\S+) s: requests finished: 0, failed: 0, cut short: 1, refused: 0$",
+        server.stderr,
+        re.MULTILINE,
+    )
+    assert report is not None, server.stderr
+    assert float(report[1]) >= grace  # the stop took the grace, counted from the signal
 
 
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -290,15 +303,6 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
     assert "Traceback" not in server.stderr
 
 
-def have_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(V6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.usefixtures("no_leaks")
 def test_several_binds_serve_together_and_stop_together() -> None:
@@ -310,7 +314,7 @@ def test_several_binds_serve_together_and_stop_together() -> None:
         echo(ip_address(v6["where"]), b"six\n", family=V6)
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
-    assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0") == 2
+    assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0, refused: 0") == 2
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -617,7 +621,7 @@ def test_stop_report_counts_failed_requests_apart(tmp_path: Path) -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert "ValueError: a bug in the handler" in server.stderr  # handle_error's traceback
-    assert "requests finished: 0, failed: 1, cut short: 0" in server.stderr
+    assert "requests finished: 0, failed: 1, cut short: 0, refused: 0" in server.stderr
 
 
 # -- TLS files: which file, what is wrong -------------------------------------

@@ -600,6 +600,39 @@ def test_install_runs_the_stdlib_servers_on_compat_with_stdlib_clients() -> None
     )
 
 
+def test_http_server_from_a_socket_made_elsewhere_under_install() -> None:
+    # from_socket() runs HTTPServer.server_bind() (server_name, server_port) without binding
+    # again; what socket activation needs from code built on the stdlib module.
+    run_python(
+        """
+        import socket, threading
+        from trio_socketserver import compat
+        compat.install()
+        import http.server, urllib.request
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        server = http.server.ThreadingHTTPServer.from_socket(sock, Quiet)
+        assert server.server_port == sock.getsockname()[1]
+        assert server.server_name
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        url = "http://127.0.0.1:%d/" % server.server_port
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+        server.shutdown()
+        thread.join(5)
+        server.server_close()
+        assert sock.fileno() == -1
+        """
+    )
+
+
 def test_install_reloads_stdlib_modules_imported_before_it_and_uninstall_undoes_it() -> None:
     run_python(
         """

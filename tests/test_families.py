@@ -17,7 +17,14 @@ import pytest
 import trio
 
 import trio_socketserver as ts
-from conftest import connect, in_thread, receive_line, serving
+from conftest import (
+    connect,
+    have_ipv6_loopback,
+    in_thread,
+    receive_line,
+    serving,
+    serving_on_thread,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -34,15 +41,6 @@ async def echo_once(stream: trio.abc.Stream, data: bytes = b"ping\n") -> bytes:
     async with stream:
         await stream.send_all(data)
         return await receive_line(stream)
-
-
-def _ipv6_loopback_works() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # -- construction -----------------------------------------------------------------------
@@ -118,7 +116,7 @@ def test_allow_reuse_port_lets_two_servers_share_a_port() -> None:
         first.server_close()
 
 
-@pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_ipv6_server() -> None:
     class Server6(ts.TCPServer):
         address_family = socket.AF_INET6
@@ -446,3 +444,126 @@ async def test_stdlib_udp_client() -> None:
                     return s.recv(100)
 
             assert await in_thread(client) == b"STDLIB"
+
+
+# -- a server around a socket made elsewhere (from_socket) ------------------------------
+
+
+def made_elsewhere(family: int, kind: int, address: Any) -> socket.socket:
+    """A socket as a service manager passes it: bound, and listening if it is a stream."""
+    sock = socket.socket(family, kind)
+    sock.bind(address)
+    if kind == socket.SOCK_STREAM:
+        sock.listen()
+    return sock
+
+
+async def test_from_socket_serves_a_listening_socket_and_closes_it() -> None:
+    sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
+    server = ts.TCPServer.from_socket(sock, Echo)
+    assert server.socket is sock
+    assert server.server_address == sock.getsockname()
+    assert server.address_family == socket.AF_INET
+    with trio.fail_after(5):
+        async with serving(server):
+            assert await echo_once(await connect(server)) == b"ping\n"
+    assert sock.fileno() == -1  # server_close() closed it: the server owns it
+
+
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_from_socket_takes_the_family_from_the_socket() -> None:
+    # TCPServer's class attribute says AF_INET; the socket is IPv6.
+    sock = made_elsewhere(socket.AF_INET6, socket.SOCK_STREAM, ("::1", 0))
+    server = ts.ThreadingTCPServer.from_socket(sock, Echo)
+    assert server.address_family == socket.AF_INET6
+    assert ts.ThreadingTCPServer.address_family == socket.AF_INET
+    with trio.fail_after(5):
+        async with serving(server):
+            assert await echo_once(await connect(server)) == b"ping\n"
+
+
+async def test_from_socket_leaves_a_unix_socket_file_to_whoever_made_it(unix_dir: Path) -> None:
+    path = str(unix_dir / "passed.sock")
+    sock = made_elsewhere(socket.AF_UNIX, socket.SOCK_STREAM, path)
+    os.chmod(path, 0o600)
+
+    class Restrictive(ts.UnixStreamServer):
+        socket_mode = 0o666  # applies to files the server binds, not to this one
+
+    server = Restrictive.from_socket(sock, Echo)
+    assert server.server_address == path
+    with trio.fail_after(5):
+        async with serving(server):
+            assert await unix_echo_once(path) == b"ping\n"
+    # Not removed, not chmod-ed: the server did not create it.
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("cls", "family", "address"),
+    [(ts.UDPServer, socket.AF_INET, LOCALHOST), (ts.UnixDatagramServer, socket.AF_UNIX, None)],
+)
+async def test_from_socket_serves_datagram_sockets(
+    cls: Any, family: int, address: Any, unix_dir: Path
+) -> None:
+    address = address or str(unix_dir / "d.sock")
+    server = cls.from_socket(made_elsewhere(family, socket.SOCK_DGRAM, address), AsyncUpper)
+    client_address = ("127.0.0.1", 0) if family == socket.AF_INET else str(unix_dir / "c")
+    with trio.fail_after(5):
+        async with serving(server):
+            reply = await udp_exchange(family, server.server_address, b"hi", client_address)
+            assert reply == b"HI"
+
+
+@pytest.mark.parametrize(
+    ("cls", "family", "kind", "listen", "message"),
+    [
+        (ts.TCPServer, socket.AF_INET, socket.SOCK_DGRAM, False, "is a UDP socket; use UDPServer"),
+        (ts.UDPServer, socket.AF_INET, socket.SOCK_STREAM, True, "is a TCP socket; use TCPServer"),
+        (ts.TCPServer, socket.AF_UNIX, socket.SOCK_STREAM, True, "use UnixStreamServer"),
+        (ts.UnixStreamServer, socket.AF_INET, socket.SOCK_STREAM, True, "use TCPServer"),
+        (ts.TCPServer, socket.AF_INET, socket.SOCK_STREAM, False, "not listening; call listen()"),
+    ],
+)
+def test_from_socket_refuses_a_socket_it_cannot_serve_and_leaves_it_open(
+    cls: Any, family: int, kind: int, listen: bool, message: str, unix_dir: Path
+) -> None:
+    with socket.socket(family, kind) as sock:
+        sock.bind(LOCALHOST if family == socket.AF_INET else str(unix_dir / "s"))
+        if listen:
+            sock.listen()
+        with pytest.raises(ValueError, match=message) as raised:
+            cls.from_socket(sock, Echo)
+        assert str(raised.value).startswith(f"{cls.__name__}.from_socket(sock): sock ")
+        assert sock.fileno() != -1
+    closed = socket.socket()
+    closed.close()
+    with pytest.raises(ValueError, match="is closed"):
+        ts.TCPServer.from_socket(closed, Echo)
+
+
+def test_compat_from_socket_and_the_stdlib_pattern_serve_blocking(unix_dir: Path) -> None:
+    from trio_socketserver import compat
+
+    class Upper(compat.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline().upper())
+
+    def ask(address: Any) -> bytes:
+        with socket.create_connection(address, timeout=5) as client:
+            client.sendall(b"hi\n")
+            return client.recv(100)
+
+    sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
+    with compat.TCPServer.from_socket(sock, Upper) as server, serving_on_thread(server):
+        assert ask(server.server_address) == b"HI\n"
+    assert sock.fileno() == -1
+    # What stdlib code does: no bind, then the socket and its address assigned by hand.
+    sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
+    server = compat.TCPServer(("", 0), Upper, bind_and_activate=False)
+    server.socket.close()
+    server.socket, server.server_address = sock, sock.getsockname()
+    with server, serving_on_thread(server):
+        assert ask(server.server_address) == b"HI\n"
+    assert sock.fileno() == -1

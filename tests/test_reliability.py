@@ -1283,7 +1283,10 @@ CLI_DOORS = {
     "async": ["--handler", "test_reliability:AsyncLines"],
     "threads": ["--handler", "test_reliability:SyncLines", "--threading"],
 }
-STOP_REPORT = r"stopped serving on .*: requests finished: (\d+), failed: (\d+), cut short: (\d+)"
+STOP_REPORT = (
+    r"stopped serving on .* in [\d.]+ s: "
+    r"requests finished: (\d+), failed: (\d+), cut short: (\d+), refused: (\d+)"
+)
 
 
 @pytest.mark.parametrize("door", sorted(CLI_DOORS))
@@ -1313,14 +1316,15 @@ def test_sigterm_under_load_through_the_cli_loses_no_accepted_request(door: str)
                 thread.join(CLIENT_TIMEOUT)
         assert not any(thread.is_alive() for thread in threads)
     assert status == 0, proc.stderr
-    finished, failed, cut = map(int, proc.wait_for_line(STOP_REPORT, stream="stderr").groups())
+    report = proc.wait_for_line(STOP_REPORT, stream="stderr").groups()
+    finished, failed, cut, refused = map(int, report)
     print(
         f"\ncli {door}: {len(record.answered)} answered, {len(record.lost)} lost, "
         f"SIGTERM to exit {took:.3f} s"
     )
     assert record.lost == {}
     assert record.answered.keys() == record.greeted.keys()
-    assert (finished, failed, cut) == (len(record.greeted), 0, 0)
+    assert (finished, failed, cut, refused) == (len(record.greeted), 0, 0, 0)
     assert took < grace
 
 

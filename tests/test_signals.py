@@ -2,6 +2,7 @@
 # `python program.py`), stopped with real signals; and how it shows addresses.
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
@@ -74,7 +75,7 @@ def test_a_signal_stops_the_program_gracefully_with_status_0(tmp_path: Path, sig
         assert server.wait() == 0
     assert server.stdout_lines == ["serve_until_signal returned 0"]
     assert f"{signal.Signals(signum).name}: shutting down" in server.stderr
-    assert "requests finished: 1, failed: 0, cut short: 0" in server.stderr
+    assert "requests finished: 1, failed: 0, cut short: 0, refused: 0" in server.stderr
     assert "Traceback" not in server.stderr  # no KeyboardInterrupt, no exception group
 
 
@@ -93,7 +94,7 @@ def test_a_second_signal_stops_at_once_and_returns_128_plus_it(tmp_path: Path) -
         assert server.wait() == 130
     assert server.stdout_lines == ["serve_until_signal returned 130"]
     assert "SIGINT again: stopping at once" in server.stderr
-    assert "requests finished: 0, failed: 0, cut short: 1" in server.stderr
+    assert "requests finished: 0, failed: 0, cut short: 1, refused: 0" in server.stderr
     assert "Traceback" not in server.stderr
 
 
@@ -102,8 +103,16 @@ async def test_it_needs_a_server() -> None:
         await trio_socketserver.serve_until_signal()
 
 
+class Refusing(trio_socketserver.TCPServer):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return False
+
+
 @pytest.mark.usefixtures("no_leaks")
-async def test_a_shutdown_from_elsewhere_ends_it_with_status_0() -> None:
+async def test_a_shutdown_from_elsewhere_ends_it_with_status_0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
     handler = trio_socketserver.StreamRequestHandler
     statuses: list[int] = []
 
@@ -111,13 +120,21 @@ async def test_a_shutdown_from_elsewhere_ends_it_with_status_0() -> None:
         statuses.append(await trio_socketserver.serve_until_signal(server, task_status=task_status))
 
     async with (
-        trio_socketserver.TCPServer(("127.0.0.1", 0), handler) as server,
+        Refusing(("127.0.0.1", 0), handler) as server,
         trio.open_nursery() as nursery,
     ):
         await nursery.start(serve, server)  # returns once the server accepts
         assert server.statistics().serving
+        async with await trio.open_tcp_stream(*server.server_address) as client:
+            assert await client.receive_some() == b""  # refused: closed at once
         server.shutdown()
     assert statuses == [0]
+    # No signal began the stop, so the report says nothing of how long it took.
+    port = server.server_address[1]
+    assert caplog.records[-1].getMessage() == (
+        f"stopped serving on tcp 127.0.0.1:{port}: "
+        "requests finished: 0, failed: 0, cut short: 0, refused: 1"
+    )
 
 
 def test_it_runs_only_in_the_main_thread() -> None:

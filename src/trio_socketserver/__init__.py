@@ -8,6 +8,8 @@ blocking drop-in replacement of the stdlib module.
 
 # No `from __future__ import annotations` here: nothing is annotated, and it would put
 # `annotations` among the package's public names (dir(trio_socketserver)).
+from ._activation import InheritedSocket as InheritedSocket
+from ._activation import inherited_sockets as inherited_sockets
 from ._families import TCPServer as TCPServer
 from ._families import ThreadingTCPServer as ThreadingTCPServer
 from ._families import ThreadingUDPServer as ThreadingUDPServer
@@ -26,6 +28,7 @@ from ._forking import ForkSafetyWarning as ForkSafetyWarning
 from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
+from ._health import HealthServer as HealthServer
 from ._server import BaseServer as BaseServer
 from ._server import ServerStatistics as ServerStatistics
 from ._signals import serve_until_signal as serve_until_signal
@@ -45,7 +48,9 @@ __all__ = [
     "ForkingUDPServer",
     "ForkingUnixDatagramServer",
     "ForkingUnixStreamServer",
+    "HealthServer",
     "IncompleteReadError",
+    "InheritedSocket",
     "ServerStatistics",
     "StreamReader",
     "StreamRequestHandler",
@@ -59,5 +64,6 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "inherited_sockets",
     "serve_until_signal",
 ]

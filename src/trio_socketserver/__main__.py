@@ -1,7 +1,9 @@
 # The command line: `trio-socketserver` and `python -m trio_socketserver`.
-# This module does the I/O: it sets up logging, creates the servers and serves
-# them in one trio run until a signal stops them (_signals.py). What the options
-# mean, which server class serves an endpoint and the exit statuses live in _cli.py.
+# This module does the I/O: it sets up logging, takes the sockets a service manager
+# passed (_activation.py), creates the servers and the health endpoint (_health.py)
+# and serves them in one trio run until a signal stops them (_signals.py). What the
+# options mean, which server class serves an endpoint and the exit statuses live in
+# _cli.py.
 #
 # Everything it has to say goes through logging to stderr, with a timestamp
 # (the "serving ... on ..." line too), except a startup error: that is one
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,20 +20,23 @@ from typing import Any
 
 import trio
 
+from ._activation import inherited_sockets
 from ._cli import (
     EXIT_FAILURE,
     EXIT_USAGE,
     MODULE_PROG,
     PROG,
     Config,
+    Endpoint,
     UsageError,
     cannot_listen,
     load_config,
     parse_options,
     server_class,
 )
+from ._health import HealthServer
 from ._server import LOGGER, BaseServer, is_async_handler
-from ._signals import forced_exit_status, serve_until_signal
+from ._signals import describe_address, forced_exit_status, serve_until_signal
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The engine logs one line per connection here (peer, duration, bytes, outcome).
@@ -51,7 +57,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     if options.workers is not None:
         return _supervise(options, prog)
     try:
-        config = load_config(options)
+        # Taken (and the variables removed) before the handler's module is imported.
+        inherited = inherited_sockets(os.environ)
+    except ValueError as exc:
+        _error(prog, str(exc))
+        return EXIT_USAGE
+    try:
+        config = load_config(options, inherited)
     except UsageError as exc:
         if exc.__cause__ is not None:
             LOGGER.debug("the error below, with its traceback:", exc_info=exc.__cause__)
@@ -110,30 +122,78 @@ def configure_logging(level: str, *, access_log: bool) -> None:
 async def serve(config: Config, prog: str = PROG) -> int:
     """Create a server per endpoint and serve them until a signal stops them; return the status.
 
+    The health endpoint (``--health-bind``) answers from before the servers accept
+    until they have stopped, so ``/ready`` is 503 while they start and drain.
+
     Resource handling: every server created here is closed here, also when
-    creating a later one fails.
+    creating a later one fails; so is every socket the service manager passed.
 
     Errors: an address that cannot be bound (in use, no permission, unknown
     host, a path that is not a socket) is one line on stderr and
     ``EXIT_USAGE``; errors while serving propagate to :func:`main`.
     """
     servers: list[BaseServer] = []
+    health: HealthServer | None = None
     tls: dict[str, Any] = {}
     if config.ssl_context is not None:
         tls["ssl_context"] = config.ssl_context
     try:
         for endpoint in config.endpoints:
-            try:
-                servers.append(
-                    server_class(config, endpoint)(endpoint.address, config.handler, **tls)
+            cls = server_class(config, endpoint)
+            if endpoint.inherited is not None:
+                servers.append(cls.from_socket(endpoint.inherited.socket, config.handler, **tls))
+                LOGGER.info(
+                    "socket %r from the service manager: %s",
+                    endpoint.inherited.name,
+                    _describe(endpoint, config),
                 )
+                continue
+            try:
+                servers.append(cls(endpoint.address, config.handler, **tls))
             except OSError as exc:
                 _error(prog, str(cannot_listen(endpoint, exc, udp=config.udp, tls=bool(tls))))
                 return EXIT_USAGE
-        return await serve_until_signal(*servers)
+        if config.health is not None:
+            try:
+                health = HealthServer(config.health.address, servers)
+            except OSError as exc:
+                where = _describe(config.health, config, health=True)
+                _error(prog, f"cannot listen on {where} (--health-bind): {exc.strerror or exc}")
+                return EXIT_USAGE
+        return await _serve_with_health(servers, health)
     finally:
+        if health is not None:
+            health.server_close()
         for server in servers:
             server.server_close()
+        for endpoint in config.endpoints:
+            if endpoint.inherited is not None:
+                endpoint.inherited.socket.close()  # one no server was built around
+
+
+async def _serve_with_health(servers: list[BaseServer], health: HealthServer | None) -> int:
+    if health is None:
+        return await serve_until_signal(*servers)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(health.serve_forever)
+        LOGGER.info(
+            "health endpoint on %s: GET /live, /ready, /metrics",
+            describe_address(
+                health.address_family, health.server_address, datagram=False, tls=False
+            ),
+        )
+        status = await serve_until_signal(*servers)
+        health.shutdown()
+    return status
+
+
+def _describe(endpoint: Endpoint, config: Config, *, health: bool = False) -> str:
+    return describe_address(
+        endpoint.family,
+        endpoint.address,
+        datagram=config.udp and not health,
+        tls=config.ssl_context is not None and not health,
+    )
 
 
 def _error(prog: str, message: str) -> None:

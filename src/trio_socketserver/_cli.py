@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ._activation import InheritedSocket
 from ._echo import DatagramEchoHandler, EchoHandler
 from ._families import (
     TCPServer,
@@ -69,6 +70,15 @@ at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
+Health: --health-bind HOST:PORT serves GET /live, GET /ready (503 while
+starting and draining) and GET /metrics (Prometheus text) on a port of its own.
+
+Service manager (systemd): with NOTIFY_SOCKET set it is told READY=1 once
+every port accepts, STOPPING=1 when a signal starts the drain, and WATCHDOG=1
+when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
+LISTEN_FDS set) it serves the sockets passed from descriptor 3 on instead of
+binding; --bind and --unix cannot be given then.
+
 Logging: to stderr, one line per event. --access-log adds one line per
 connection (logger trio_socketserver.access, INFO); --log-level DEBUG shows it
 too, and the traceback behind a handler module that fails to import.
@@ -103,6 +113,9 @@ class Endpoint:
     """``AF_INET``, ``AF_INET6`` or ``AF_UNIX``."""
     address: Any
     """``(host, port)`` for IP, the path for ``AF_UNIX``."""
+    inherited: InheritedSocket | None = None
+    """The socket the service manager passed for it (socket activation): served as it is,
+    not bound."""
 
 
 @attrs.frozen
@@ -117,6 +130,8 @@ class Config:
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
     ssl_context: ssl.SSLContext | None = None
+    health: Endpoint | None = None
+    """Where to serve the health endpoint (``--health-bind``), if anywhere."""
     reuse_port: bool = False
     """Bind TCP sockets with ``SO_REUSEPORT``: several processes can listen on one port."""
 
@@ -399,6 +414,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--unix", action="append", default=[], metavar="PATH", help="a Unix socket path; repeatable"
     )
     where.add_argument("--udp", action="store_true", help="serve datagrams instead of streams")
+    where.add_argument(
+        "--health-bind",
+        type=_bind,
+        metavar="HOST:PORT",
+        help="serve the health endpoint (GET /live, /ready, /metrics) on this address",
+    )
     what = parser.add_argument_group("what to serve")
     what.add_argument(
         "--handler",
@@ -478,13 +499,19 @@ def parse_options(argv: Sequence[str] | None = None, prog: str = PROG) -> argpar
     return build_parser(prog).parse_args(argv)
 
 
-def load_config(options: argparse.Namespace) -> Config:
+def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket] = ()) -> Config:
     """Import the handler and read the TLS files that ``options`` name.
+
+    ``inherited``: the sockets the service manager passed (socket activation); they are
+    served instead of any address.
 
     Errors: ``UsageError`` for every mistake; one raised for a handler module
     that failed to import has that exception as its ``__cause__``.
     """
-    endpoints = endpoints_of(options)
+    if inherited:
+        endpoints = tuple(activated_endpoints(options, inherited))
+    else:
+        endpoints = endpoints_of(options)
     if options.handler is None:
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
@@ -497,8 +524,43 @@ def load_config(options: argparse.Namespace) -> Config:
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        health=options.health_bind,
         reuse_port=options.reuse_port,
     )
+
+
+def activated_endpoints(
+    options: argparse.Namespace, inherited: Sequence[InheritedSocket]
+) -> list[Endpoint]:
+    """An endpoint per socket the service manager passed, once the options fit them.
+
+    Errors: ``UsageError`` for ``--bind``, ``--unix`` or ``--reuse-port`` (the manager
+    decides where to listen, and binds), and for ``--udp`` with stream sockets or datagram
+    sockets without it.
+    """
+    if options.bind or options.unix or options.reuse_port:
+        option = "--bind" if options.bind else "--unix" if options.unix else "--reuse-port"
+        raise UsageError(
+            f"{option} cannot be used with socket activation (the service manager passes "
+            f"LISTEN_FDS={len(inherited)}): drop {option}, or start without LISTEN_FDS"
+        )
+    datagram = [entry.socket.type == socket.SOCK_DGRAM for entry in inherited]
+    if any(datagram) and not all(datagram):
+        raise UsageError(
+            "LISTEN_FDS passes stream and datagram sockets mixed; one process serves one "
+            "kind: pass it only stream sockets, or only datagram sockets with --udp"
+        )
+    kind = "datagram" if all(datagram) else "stream"
+    passes = (
+        f"LISTEN_FDS passes a {kind} socket"
+        if len(inherited) == 1
+        else f"LISTEN_FDS passes {kind} sockets"
+    )
+    if all(datagram) and not options.udp:
+        raise UsageError(f"{passes}: add --udp")
+    if not any(datagram) and options.udp:
+        raise UsageError(f"{passes}: drop --udp")
+    return [Endpoint(entry.socket.family, entry.socket.getsockname(), entry) for entry in inherited]
 
 
 def endpoints_of(options: argparse.Namespace) -> tuple[Endpoint, ...]:
@@ -524,7 +586,7 @@ def endpoints_of(options: argparse.Namespace) -> tuple[Endpoint, ...]:
 
 # The options a supervisor (--workers) acts on itself: it binds the addresses (or, with
 # --reuse-port, gives each worker the address it bound) and serves the health endpoint.
-SUPERVISOR_OPTIONS = frozenset({"workers", "bind", "unix", "reuse_port"})
+SUPERVISOR_OPTIONS = frozenset({"workers", "bind", "unix", "reuse_port", "health_bind"})
 
 
 def worker_arguments(options: argparse.Namespace) -> list[str]:
@@ -552,7 +614,7 @@ def worker_arguments(options: argparse.Namespace) -> list[str]:
     return arguments
 
 
-_SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
+_SERVER_CLASSES: dict[tuple[bool, bool, bool], type[TCPServer]] = {
     # (unix, udp, threading)
     (False, False, False): TCPServer,
     (False, False, True): ThreadingTCPServer,
@@ -565,7 +627,7 @@ _SERVER_CLASSES: dict[tuple[bool, bool, bool], type[BaseServer]] = {
 }
 
 
-def server_class(config: Config, endpoint: Endpoint) -> type[BaseServer]:
+def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
     """The server class for ``endpoint``, with the command line's settings as class attributes."""
     base = _SERVER_CLASSES[(endpoint.family == socket.AF_UNIX, config.udp, config.threading)]
     settings: dict[str, Any] = {

@@ -259,6 +259,9 @@ class Engine:
     _lock: threading.Lock = attrs.Factory(threading.Lock)
     _requests: _Requests | None = None
     _closed: bool = False
+    adopting_socket: bool = False
+    """from_socket() is running server_bind() on a socket bound elsewhere: the families
+    record its address instead of binding it, and a Unix socket file is not theirs."""
     abandoned_threads: list[threading.Event] = attrs.Factory(list)
     _trio_socket: trio.socket.SocketType | None = None
     _capacity_warning: RateLimitedWarning = attrs.Factory(RateLimitedWarning)

@@ -9,16 +9,20 @@ import os
 import socket
 import ssl
 import stat
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from ._activation import check_servable
 from ._engine import reject_async_hooks
 from ._server import LOGGER, BaseServer, engine_of
 from ._threading import ThreadingMixIn
 
 # Hooks the constructor calls: they must be plain functions (a constructor cannot await).
 CONSTRUCTOR_HOOKS = ("server_bind", "server_activate")
+
+
+ServerT = TypeVar("ServerT", bound="TCPServer")
 
 
 class TCPServer(BaseServer):
@@ -35,6 +39,9 @@ class TCPServer(BaseServer):
 
     Errors: ``OSError`` with ``errno.EADDRINUSE`` naming the address when it is
     taken; the socket is closed on any failure in the constructor.
+
+    :meth:`from_socket` builds one around a listening socket made elsewhere (socket
+    activation, a supervisor).
     """
 
     address_family: int = socket.AF_INET
@@ -68,8 +75,62 @@ class TCPServer(BaseServer):
                 self.server_close()
                 raise
 
+    @classmethod
+    def from_socket(
+        cls: type[ServerT], sock: socket.socket, RequestHandlerClass: Any, **kwargs: Any
+    ) -> ServerT:
+        """A server around ``sock``, a socket bound (and, for streams, listening) elsewhere.
+
+        For sockets the server did not create: passed by a service manager
+        (:func:`inherited_sockets`), a supervisor, or a test. The constructor runs with
+        ``bind_and_activate=False`` (``kwargs`` go to it, e.g. ``ssl_context``), then
+        ``sock`` becomes ``server.socket``, ``server.address_family`` is its family and
+        ``server_address`` its address. :meth:`server_bind` runs as usual, so a
+        subclass's own additions to it still happen (``http.server`` records
+        ``server_name`` there), but the socket is not bound again, its options are left as
+        they are and a Unix socket file is not taken over (``socket_mode`` is not applied;
+        ``server_close()`` does not remove it). :meth:`server_activate` is not called: the
+        socket listens already, with the backlog its creator chose.
+
+        Works on every family and its threading, forking and compat variants
+        (``compat.TCPServer.from_socket``, ``http.server.HTTPServer.from_socket`` under
+        ``compat.install()``).
+
+        Resource handling: the server owns ``sock`` from then on; ``server_close()`` closes
+        it. If this raises, ``sock`` is left open.
+
+        Errors: ``ValueError`` if ``sock`` is closed, not listening (a stream socket), of
+        the other type (a datagram socket for a stream server: use the datagram family's
+        ``from_socket``) or of a family the class does not serve (a Unix socket for
+        :class:`TCPServer`: use :class:`UnixStreamServer`).
+        """
+        who = f"{cls.__name__}.from_socket(sock): sock"
+        if sock.fileno() == -1:
+            raise ValueError(f"{who} is closed; pass an open, bound socket")
+        kind = check_servable(sock, who)
+        serves_unix = issubclass(cls, _UnixPath)
+        if sock.type != cls.socket_type or (sock.family == socket.AF_UNIX) != serves_unix:
+            raise ValueError(f"{who} is a {kind} socket; use {_KIND_CLASSES[kind]}.from_socket()")
+        server = cls(sock.getsockname(), RequestHandlerClass, bind_and_activate=False, **kwargs)
+        own, server.socket = server.socket, sock
+        own.close()
+        server.address_family = sock.family
+        engine = engine_of(server)
+        engine.adopting_socket = True
+        try:
+            server.server_bind()
+        except BaseException:
+            server.socket = own  # closed: the server is closed; sock stays the caller's
+            raise
+        finally:
+            engine.adopting_socket = False
+        return server
+
     def server_bind(self) -> None:
         """Bind the socket to ``server_address`` and store the address actually bound."""
+        if engine_of(self).adopting_socket:
+            self.server_address = self.socket.getsockname()
+            return
         if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -175,6 +236,10 @@ class _UnixPath:
     __created: tuple[str, int, int] | None = None
 
     def server_bind(self) -> None:
+        if engine_of(self).adopting_socket:  # type: ignore[arg-type]
+            # A socket file made by whoever passed the socket: theirs to keep or remove.
+            super().server_bind()  # type: ignore[misc]
+            return
         self.__check_path()
         super().server_bind()  # type: ignore[misc]  # the server class after this mixin
         self.__record_path()
@@ -265,6 +330,15 @@ def _someone_listens(path: str | bytes | os.PathLike[Any], socket_type: int) -> 
 def _is_abstract(path: str | bytes | os.PathLike[Any]) -> bool:
     raw = os.fsencode(path)
     return raw[:1] == b"\0"
+
+
+# The family that serves each kind of socket, for from_socket()'s advice.
+_KIND_CLASSES = {
+    "TCP": "TCPServer",
+    "UDP": "UDPServer",
+    "Unix stream": "UnixStreamServer",
+    "Unix datagram": "UnixDatagramServer",
+}
 
 
 class UnixStreamServer(_UnixPath, TCPServer):

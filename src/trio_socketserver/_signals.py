@@ -2,7 +2,8 @@
 # shuts them down gracefully, a second one stops them at once. The command line and the
 # examples run their servers through it; programs that handle signals themselves keep the
 # nursery-based form (serve_forever() + shutdown()). It announces each server once it accepts
-# and reports what the stop cost, through the project's logger; it creates and closes nothing.
+# and reports what the stop cost, through the project's logger and to the service manager
+# (sd_notify, _notify.py); it creates and closes nothing.
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import trio
 
+from ._notify import feed_watchdog, notify, watchdog_interval
 from ._server import LOGGER, BaseServer
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -41,7 +43,16 @@ async def serve_until_signal(
 
     Logging (``logging.getLogger("trio_socketserver")``): one INFO line per server once it
     accepts (``serving Handler on tcp 127.0.0.1:8000 (Ctrl-C to stop)``), one when a signal
-    arrives, and a stop report per server (requests finished, failed, cut short).
+    arrives, and a stop report per server: requests finished, failed, cut short and refused,
+    and how long the stop took from the signal (``stopped serving on tcp 127.0.0.1:8000 in
+    1.20 s: requests finished: 10, failed: 0, cut short: 1, refused: 2``).
+
+    Service manager (systemd's sd_notify protocol, when ``NOTIFY_SOCKET`` is set; nothing
+    otherwise): ``READY=1`` with a ``STATUS=`` line (``serving Handler on tcp
+    127.0.0.1:8000``) once every server accepts; ``STOPPING=1`` with a ``STATUS=`` line when
+    the first signal starts the drain; ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2``
+    microseconds while it runs, when ``WATCHDOG_USEC`` asks for it (and ``WATCHDOG_PID``, if
+    set, is this process). A manager that cannot be reached is logged; serving goes on.
 
     Reports started (for ``await nursery.start(serve_until_signal, server)``) once every
     server accepts and the signals are caught.
@@ -59,45 +70,67 @@ async def serve_until_signal(
         raise ValueError("serve_until_signal() needs at least one server to serve")
     hard_stop = trio.CancelScope()
     forced_by: list[int] = []
+    # When the first signal came, and when each server's serve_forever() returned: what the
+    # stop report's "in 1.20 s" measures.
+    stop_began: list[float] = []
+    stopped_at: dict[int, float] = {}
 
     async def watch_signals(signals: Any) -> None:
         first = True
         async for signum in signals:
+            name = signal.Signals(signum).name
             if first:
                 first = False
+                stop_began.append(trio.current_time())
                 LOGGER.info(
                     "%s: shutting down; in-flight requests get %s (send it again to stop at once)",
-                    signal.Signals(signum).name,
+                    name,
                     _grace(servers),
                 )
                 for server in servers:
                     server.shutdown()
+                await notify("STOPPING=1", f"STATUS=shutting down ({name})")
             else:
-                LOGGER.warning("%s again: stopping at once", signal.Signals(signum).name)
+                LOGGER.warning("%s again: stopping at once", name)
                 forced_by.append(signum)
                 hard_stop.cancel()
                 return
+
+    async def serve(index: int, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await servers[index].serve_forever(task_status=task_status)
+        finally:
+            stopped_at[index] = trio.current_time()
 
     # Caught before serving starts, so no signal can slip between "accepting" and "listening
     # for signals" (a shutdown() before serve_forever() makes it return at once).
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as watching:
             watching.start_soon(watch_signals, signals)
+            interval = watchdog_interval(os.environ, os.getpid())
+            if interval is not None:
+                watching.start_soon(feed_watchdog, interval)
             with hard_stop:
                 async with trio.open_nursery() as serving:
-                    for server in servers:
-                        await serving.start(server.serve_forever)
-                    for server in servers:
-                        LOGGER.info(
-                            "serving %s on %s (Ctrl-C to stop)",
-                            getattr(server.RequestHandlerClass, "__name__", "requests"),
-                            describe_server(server),
-                        )
+                    for index in range(len(servers)):
+                        await serving.start(serve, index)
+                    serving_what = [
+                        f"serving {_handler_name(server)} on {describe_server(server)}"
+                        for server in servers
+                    ]
+                    for line in serving_what:
+                        LOGGER.info("%s (Ctrl-C to stop)", line)
+                    if not stop_began:  # a signal during startup: STOPPING=1 went already
+                        await notify("READY=1", "STATUS=" + "; ".join(serving_what))
                     task_status.started()
             watching.cancel_scope.cancel()
-    for server in servers:
-        _report(server)
+    for index, server in enumerate(servers):
+        _report(server, stopped_at[index] - stop_began[0] if stop_began else None)
     return forced_exit_status(forced_by[0]) if forced_by else 0
+
+
+def _handler_name(server: BaseServer) -> str:
+    return getattr(server.RequestHandlerClass, "__name__", "requests")
 
 
 def forced_exit_status(signum: int) -> int:
@@ -117,16 +150,20 @@ def _grace(servers: tuple[BaseServer, ...]) -> str:
     return f"{max(g for g in graces if g is not None)} s"
 
 
-def _report(server: BaseServer) -> None:
-    """Log what the stop cost: requests that finished, failed (the handler raised) or were
-    cut short by the stop."""
+def _report(server: BaseServer, elapsed: float | None) -> None:
+    """Log what the stop cost: requests that finished, failed (the handler raised), were
+    cut short by the stop or refused, and the seconds from the signal to the server's stop
+    (``elapsed``; None when no signal stopped it)."""
     stats = server.statistics()
+    took = "" if elapsed is None else f" in {elapsed:.2f} s"
     LOGGER.info(
-        "stopped serving on %s: requests finished: %d, failed: %d, cut short: %d",
+        "stopped serving on %s%s: requests finished: %d, failed: %d, cut short: %d, refused: %d",
         describe_server(server),
+        took,
         stats.finished_requests,
         stats.failed_requests,
         stats.cancelled_requests,
+        stats.refused_requests,
     )
 
 

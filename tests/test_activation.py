@@ -1,0 +1,280 @@
+# Socket activation: the command line serving sockets it inherited, as systemd passes them
+# (descriptors from 3 on, LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES). The service manager is
+# played by a small exec wrapper: it puts the test's sockets on descriptors 3, 4, ..., sets
+# the variables for its own pid and execs the real program, which keeps that pid.
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import have_ipv6_loopback
+from serving_process import ServerProcess, ip_address, read_until
+from trio_socketserver._activation import parse_listen_fds
+
+# Bounds each client wait; a passing test never comes near it.
+TIMEOUT = 10.0
+CLI = ("-m", "trio_socketserver")
+
+# argv: FD,FD,... NAMES WHOSE-PID PROGRAM-ARGS...; WHOSE-PID "self" is activation for the
+# program, "parent" names another process (LISTEN_PID inherited from an activated parent).
+ACTIVATE = """\
+import fcntl, os, sys
+
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+names, whose_pid, program = sys.argv[2], sys.argv[3], sys.argv[4:]
+# Out of the way first, so that moving one onto 3, 4, ... cannot overwrite another.
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid() if whose_pid == "self" else os.getppid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+if names:
+    os.environ["LISTEN_FDNAMES"] = names
+os.execv(sys.executable, [sys.executable, *program])
+"""
+
+# Answers each line with the activation variables it can see: none, once the program took
+# its sockets (as sd_listen_fds() removes them before any handler runs).
+SEES_ENV = """\
+import os
+
+import trio_socketserver
+
+
+class SeesEnv(trio_socketserver.StreamRequestHandler):
+    async def handle(self):
+        async for line in self.rfile:
+            seen = [v for v in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES") if v in os.environ]
+            await self.wfile.write(("sees: %s\\n" % ",".join(seen)).encode())
+"""
+
+
+def activated(
+    passed: list[socket.socket] | list[int],
+    *args: str,
+    names: str = "",
+    whose_pid: str = "self",
+    cwd: Path | None = None,
+) -> ServerProcess:
+    """The command line with ``args``, started as a service manager starts it with the
+    sockets (or other descriptors) ``passed``."""
+    fds = [fd if isinstance(fd, int) else fd.fileno() for fd in passed]
+    spec = ",".join(map(str, fds))
+    return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *CLI, *args, pass_fds=fds, cwd=cwd)
+
+
+@pytest.fixture
+def tcp_socket() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock
+
+
+STREAM_CASES = [
+    "tcp",
+    pytest.param(
+        "tcp6", marks=pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback here")
+    ),
+    "unix",
+]
+
+
+def listening(case: str, unix_dir: Path) -> socket.socket:
+    if case == "unix":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(unix_dir / "web.sock"))
+    else:
+        sock = socket.socket(socket.AF_INET6 if case == "tcp6" else socket.AF_INET)
+        sock.bind(("::1" if case == "tcp6" else "127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("case", STREAM_CASES)
+@pytest.mark.usefixtures("no_leaks")
+def test_an_inherited_stream_socket_is_served(case: str, unix_dir: Path) -> None:
+    with listening(case, unix_dir) as sock, activated([sock], names="web") as server:
+        [serving] = server.serving()
+        address = sock.getsockname()
+        if case == "unix":
+            assert (serving["kind"], serving["where"]) == ("unix", address)
+        else:
+            assert (serving["kind"], ip_address(serving["where"])) == ("tcp", address[:2])
+        assert f"socket 'web' from the service manager: {serving['kind']} " in server.stderr
+        with socket.socket(sock.family) as client:
+            client.settimeout(TIMEOUT)
+            client.connect(address)
+            client.sendall(b"activated\n")
+            assert read_until(client, b"\n") == b"activated\n"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 0
+        if case == "unix":
+            # The socket file is the service manager's: the program leaves it in place.
+            assert Path(address).is_socket()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
+@pytest.mark.usefixtures("no_leaks")
+def test_an_inherited_datagram_socket_is_served_with_udp(family: int, unix_dir: Path) -> None:
+    address: Any = ("127.0.0.1", 0) if family == socket.AF_INET else str(unix_dir / "d.sock")
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        with activated([sock], "--udp") as server:
+            [serving] = server.serving()
+            assert serving["kind"] == ("udp" if family == socket.AF_INET else "unix-dgram")
+            with socket.socket(family, socket.SOCK_DGRAM) as client:
+                client.settimeout(TIMEOUT)
+                if family == socket.AF_UNIX:
+                    client.bind(str(unix_dir / "client.sock"))  # somewhere to reply to
+                client.sendto(b"datagram", sock.getsockname())
+                assert client.recv(100) == b"datagram"
+            server.send_signal(signal.SIGTERM)
+            assert server.wait() == 0
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_several_named_sockets_and_the_variables_are_gone_before_handlers_run(
+    tmp_path: Path, tcp_socket: socket.socket
+) -> None:
+    (tmp_path / "sees_env.py").write_text(SEES_ENV)
+    with socket.socket() as second:
+        second.bind(("127.0.0.1", 0))
+        second.listen()
+        sockets = [tcp_socket, second]
+        args = ("--handler", "sees_env:SeesEnv")
+        with activated(sockets, *args, names="public:admin", cwd=tmp_path) as server:
+            server.wait_for_line(
+                rf"serving SeesEnv on tcp .*:{second.getsockname()[1]} ", stream="stderr"
+            )
+            for sock in sockets:
+                with socket.create_connection(sock.getsockname(), timeout=TIMEOUT) as client:
+                    client.sendall(b"what do you see?\n")
+                    assert read_until(client, b"\n") == b"sees: \n"
+            server.send_signal(signal.SIGTERM)
+            assert server.wait() == 0
+    assert "socket 'public' from the service manager: tcp " in server.stderr
+    assert "socket 'admin' from the service manager: tcp " in server.stderr
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_listen_pid_of_another_process_is_ignored(
+    tmp_path: Path, tcp_socket: socket.socket
+) -> None:
+    (tmp_path / "sees_env.py").write_text(SEES_ENV)
+    args = ("--bind", "127.0.0.1:0", "--handler", "sees_env:SeesEnv")
+    with activated([tcp_socket], *args, whose_pid="parent", cwd=tmp_path) as server:
+        [serving] = server.serving()  # only its own --bind, not the inherited socket
+        assert ip_address(serving["where"]) != tcp_socket.getsockname()
+        with socket.create_connection(server.address(), timeout=TIMEOUT) as client:
+            client.sendall(b"what do you see?\n")
+            assert read_until(client, b"\n") == b"sees: \n"  # removed all the same
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 0
+    assert "service manager" not in server.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--bind", "127.0.0.1:0"),
+            "--bind cannot be used with socket activation (the service manager passes "
+            "LISTEN_FDS=1): drop --bind, or start without LISTEN_FDS",
+        ),
+        (("--unix", "x.sock"), "--unix cannot be used with socket activation"),
+        (("--udp",), "LISTEN_FDS passes a stream socket: drop --udp"),
+    ],
+)
+@pytest.mark.usefixtures("no_leaks")
+def test_options_that_contradict_the_inherited_sockets_are_one_line_and_exit_2(
+    args: tuple[str, ...], message: str, tcp_socket: socket.socket
+) -> None:
+    with activated([tcp_socket], *args) as server:
+        assert server.wait() == 2
+    [line] = server.stderr_lines
+    assert line.startswith(f"python -m trio_socketserver: error: {message}")
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_datagram_sockets_need_udp() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        with activated([sock]) as server:
+            assert server.wait() == 2
+    [line] = server.stderr_lines
+    assert line.endswith("LISTEN_FDS passes a datagram socket: add --udp")
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_descriptor_that_is_not_a_socket_is_one_line_and_exit_2() -> None:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    try:
+        with activated([read_end]) as server:
+            assert server.wait() == 2
+    finally:
+        os.close(read_end)
+    [line] = server.stderr_lines
+    assert line.startswith(
+        "python -m trio_socketserver: error: "
+        "LISTEN_FDS: descriptor 3 ('unknown') is not an open socket: "
+    )
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_stream_socket_that_is_not_listening_is_one_line_and_exit_2() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        with activated([sock], names="web") as server:
+            assert server.wait() == 2
+    assert server.stderr_lines == [
+        "python -m trio_socketserver: error: LISTEN_FDS: descriptor 3 ('web') is a TCP socket "
+        "that is not listening; call listen() first"
+    ]
+
+
+# -- reading the variables (no I/O) ---------------------------------------------------
+
+
+def test_parse_listen_fds() -> None:
+    pid = 1234
+    assert parse_listen_fds({}, pid) == []
+    env = {"LISTEN_PID": "1234", "LISTEN_FDS": "2"}
+    assert parse_listen_fds(env, pid) == [(3, "unknown"), (4, "unknown")]
+    named = {**env, "LISTEN_FDNAMES": "web:admin"}
+    assert parse_listen_fds(named, pid) == [(3, "web"), (4, "admin")]
+    assert parse_listen_fds({**env, "LISTEN_PID": "999"}, pid) == []  # another process's
+    assert parse_listen_fds({**env, "LISTEN_FDS": "0"}, pid) == []
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LISTEN_PID": "me", "LISTEN_FDS": "1"}, "LISTEN_PID='me': expected a process id"),
+        ({"LISTEN_PID": "1234"}, "LISTEN_FDS='': expected a number of descriptors"),
+        (
+            {"LISTEN_PID": "1234", "LISTEN_FDS": "-1"},
+            "LISTEN_FDS='-1': expected a number of descriptors",
+        ),
+        (
+            {"LISTEN_PID": "1234", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web"},
+            "LISTEN_FDNAMES='web': 1 name(s) for the LISTEN_FDS=2 descriptor(s)",
+        ),
+    ],
+)
+def test_malformed_variables_are_refused_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        parse_listen_fds(env, 1234)
+    assert str(raised.value) == message
