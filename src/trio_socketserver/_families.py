@@ -116,6 +116,7 @@ class TCPServer(BaseServer):
         own.close()
         server.address_family = sock.family
         engine = engine_of(server)
+        engine.shared_socket = True
         engine.adopting_socket = True
         try:
             server.server_bind()
