@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from ._cli import (
     parse_options,
     server_class,
 )
-from ._health import HealthServer
+from ._health import HealthServer, serve_with_health
 from ._server import LOGGER, BaseServer, is_async_handler
 from ._signals import describe_address, forced_exit_status, serve_until_signal
 
@@ -157,10 +158,9 @@ async def serve(config: Config, prog: str = PROG) -> int:
             try:
                 health = HealthServer(config.health.address, servers)
             except OSError as exc:
-                where = _describe(config.health, config, health=True)
-                _error(prog, f"cannot listen on {where} (--health-bind): {exc.strerror or exc}")
+                _error(prog, str(cannot_listen(config.health, exc, option="--health-bind")))
                 return EXIT_USAGE
-        return await _serve_with_health(servers, health)
+        return await serve_with_health(health, functools.partial(serve_until_signal, *servers))
     finally:
         if health is not None:
             health.server_close()
@@ -171,28 +171,12 @@ async def serve(config: Config, prog: str = PROG) -> int:
                 endpoint.inherited.socket.close()  # one no server was built around
 
 
-async def _serve_with_health(servers: list[BaseServer], health: HealthServer | None) -> int:
-    if health is None:
-        return await serve_until_signal(*servers)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(health.serve_forever)
-        LOGGER.info(
-            "health endpoint on %s: GET /live, /ready, /metrics",
-            describe_address(
-                health.address_family, health.server_address, datagram=False, tls=False
-            ),
-        )
-        status = await serve_until_signal(*servers)
-        health.shutdown()
-    return status
-
-
-def _describe(endpoint: Endpoint, config: Config, *, health: bool = False) -> str:
+def _describe(endpoint: Endpoint, config: Config) -> str:
     return describe_address(
         endpoint.family,
         endpoint.address,
-        datagram=config.udp and not health,
-        tls=config.ssl_context is not None and not health,
+        datagram=config.udp,
+        tls=config.ssl_context is not None,
     )
 
 

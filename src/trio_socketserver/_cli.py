@@ -252,10 +252,15 @@ def check_handler(text: str, target: object, *, udp: bool) -> type[Any]:
     return target
 
 
-def cannot_listen(endpoint: Endpoint, exc: OSError, *, udp: bool, tls: bool) -> UsageError:
+def cannot_listen(
+    endpoint: Endpoint, exc: OSError, *, udp: bool = False, tls: bool = False, option: str = ""
+) -> UsageError:
     """The error for an address that cannot be bound (in use, no permission, unknown host,
-    a path that is not a socket)."""
+    a path that is not a socket); ``option`` names the option it came from, if not
+    ``--bind``/``--unix``."""
     where = describe_address(endpoint.family, endpoint.address, datagram=udp, tls=tls)
+    if option:
+        where += f" ({option})"
     return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
