@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trustme
 
 from conftest import wait_for_exit
-from serving_process import ServerProcess, ip_address, read_until
+from serving_process import ServerProcess, activated, ip_address, read_until
 from trio_socketserver._cli import UsageError, endpoints_of, parse_options, worker_arguments
 from trio_socketserver._engine import ServerStatistics
 from trio_socketserver._workers._factory import name_factory
@@ -265,6 +268,225 @@ def test_a_reload_that_cannot_start_keeps_the_old_workers(
     assert wait_for_exit(supervised.pids, TIMEOUT) == set()
     assert ask(supervised.address)[0] in new
     assert stop(supervised) == 0
+
+
+# -- every kind of socket, TLS, socket activation ---------------------------------------
+
+
+def test_datagrams_are_served_by_workers(supervise: Start) -> None:
+    supervised = supervise("--udp")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(TIMEOUT)
+        for i in range(4):
+            client.sendto(b"datagram %d" % i, supervised.address)
+            assert client.recv(100) == b"datagram %d" % i
+    assert stop(supervised) == 0
+
+
+def test_a_unix_socket_is_served_by_workers_and_removed_by_the_supervisor(
+    supervise: Start, unix_dir: Path
+) -> None:
+    path = str(unix_dir / "workers.sock")
+    supervised = supervise("--unix", path, "--handler", "pid_handler:Pid")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(TIMEOUT)
+        client.connect(path)
+        client.sendall(b"unix\n")
+        pid, _, echo = read_until(client, b"\n").partition(b" ")
+    assert (int(pid) in supervised.pids, echo) == (True, b"unix\n")
+    assert stop(supervised) == 0
+    assert not os.path.exists(path)
+
+
+def test_tls_is_served_by_workers(supervise: Start, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    supervised = supervise("--tls-cert", str(tmp_path / "server.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with (
+        socket.create_connection(supervised.address, timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as client,
+    ):
+        client.sendall(b"secret\n")
+        assert read_until(client, b"\n") == b"secret\n"
+    assert stop(supervised) == 0
+
+
+def test_the_supervisor_takes_sockets_from_its_service_manager(handler_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        args = ("--workers", "2", "--handler", "pid_handler:Pid", "--max-connections", "1")
+        with activated([sock], *args, names="web", cwd=handler_dir) as process:
+            match = process.wait_for_line(SERVING, stream="stderr")
+            assert ip_address(match["where"]) == sock.getsockname()
+            pids = Supervised(process, sock.getsockname(), set()).ready_pids(1)
+            with socket.create_connection(sock.getsockname(), timeout=TIMEOUT) as first:
+                first.sendall(b"one\n")
+                pid_one = int(read_until(first, b"\n").split()[0])
+                pid_two = ask(sock.getsockname())[0]
+            assert {pid_one, pid_two} == pids
+            process.send_signal(signal.SIGTERM)
+            assert process.wait() == 0
+    # Each worker was given the socket under the service manager's name.
+    assert process.stderr.count("socket 'web' from the service manager: tcp ") == 2
+
+
+# -- --reuse-port -------------------------------------------------------------------------
+
+
+def test_with_reuse_port_each_worker_binds_its_own_socket(supervise: Start) -> None:
+    supervised = supervise("--handler", "pid_handler:Pid", "--reuse-port")
+    # The kernel spreads connections by a hash of their addresses: 20 connections from
+    # fresh ports all going to one of two workers has odds of one in half a million.
+    assert {ask(supervised.address)[0] for _ in range(20)} == supervised.pids
+    supervised.process.send_signal(signal.SIGHUP)
+    new = supervised.ready_pids(2)
+    assert wait_for_exit(supervised.pids, TIMEOUT) == set()
+    assert {ask(supervised.address)[0] for _ in range(20)} == new
+    assert stop(supervised) == 0
+
+
+# -- what the supervisor tells -------------------------------------------------------------
+
+
+def test_the_health_endpoint_answers_for_all_the_workers(
+    supervise: Start, handler_dir: Path
+) -> None:
+    # A replacement worker waits at import for the test to open the gate (a FIFO), so
+    # /ready can be asked while it is certainly not ready.
+    (handler_dir / "gated.py").write_text(
+        "import os\n"
+        "if os.path.exists('hold'):\n"
+        "    open('gate').read()\n"
+        "from pid_handler import Pid\n"
+    )
+    supervised = supervise("--handler", "gated:Pid", "--health-bind", "127.0.0.1:0")
+    health = ip_address(
+        supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
+    )
+    assert get(health, "/ready") == (200, "ready\n")
+    status, metrics = get(health, "/metrics")
+    assert status == 200
+    for pid in supervised.pids:
+        assert re.search(
+            rf'^trio_socketserver_accepted_total{{server="tcp [^"]+",worker="{pid}"}} ',
+            metrics,
+            re.M,
+        )
+    assert re.search(
+        r'^trio_socketserver_finished_total\{server="tcp [^"]+",worker="all"\} ', metrics, re.M
+    )
+    assert 'trio_socketserver_workers{state="ready"} 2' in metrics
+    assert "trio_socketserver_worker_crashes_total 0" in metrics
+
+    (handler_dir / "hold").touch()
+    os.mkfifo(handler_dir / "gate")
+    victim = min(supervised.pids)
+    os.kill(victim, signal.SIGKILL)
+    with writer_of(handler_dir / "gate"):  # once the replacement waits at the gate
+        (handler_dir / "hold").unlink()
+        status, body = get(health, "/ready")
+        replacement = supervised.process.wait_for_line(
+            rf"worker (\d+) started in place of {victim}", stream="stderr"
+        )[1]
+        assert (status, body) == (503, f"not ready: worker {replacement} is starting\n")
+    # The gate closed: the replacement's read sees EOF and it starts serving.
+    supervised.process.wait_for_line(r"is ready \(it replaces one that died\)", stream="stderr")
+    assert get(health, "/ready") == (200, "ready\n")
+    assert "trio_socketserver_worker_crashes_total 1" in get(health, "/metrics")[1]
+    assert stop(supervised) == 0
+
+
+def test_the_supervisor_tells_its_service_manager(handler_dir: Path, unix_dir: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(unix_dir / "notify"))
+        manager.settimeout(TIMEOUT)
+        env = {"NOTIFY_SOCKET": str(unix_dir / "notify")}
+        args = (*CLI, "--workers", "2", "--bind", "127.0.0.1:0")
+        with ServerProcess(*args, cwd=handler_dir, env=env) as process:
+            ready = parse_notify(manager.recv(4096))
+            # Only once every worker is ready, and only the supervisor's word: the
+            # workers tell the supervisor, not the service manager.
+            assert ready["READY"] == "1"
+            assert process.wait_for_line(READY.format(1), stream="stderr")
+            assert ready["STATUS"].startswith("2 workers serving (generation 1): ")
+            process.send_signal(signal.SIGHUP)
+            reloading = parse_notify(manager.recv(4096))
+            assert reloading["RELOADING"] == "1"
+            assert int(reloading["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
+            assert parse_notify(manager.recv(4096))["READY"] == "1"
+            assert process.wait_for_line(READY.format(2), stream="stderr")
+            process.send_signal(signal.SIGTERM)
+            assert parse_notify(manager.recv(4096))["STOPPING"] == "1"
+            assert process.wait() == 0
+
+
+# -- serve_workers(), for programs that build their servers in code ------------------------
+
+PROGRAM = """\
+import logging
+import socket
+import sys
+
+import trio
+
+import trio_socketserver
+from pid_handler import Pid
+
+
+def make_server(sock):
+    return trio_socketserver.TCPServer.from_socket(sock, Pid)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sock = socket.create_server(("127.0.0.1", 0))
+    sys.exit(trio.run(trio_socketserver.serve_workers, make_server, [sock], 2))
+"""
+
+
+def test_serve_workers_runs_a_program_s_own_factory(handler_dir: Path) -> None:
+    (handler_dir / "program.py").write_text(PROGRAM)
+    with ServerProcess("program.py", cwd=handler_dir) as process:
+        match = process.wait_for_line(SERVING, stream="stderr")
+        assert match["what"] == "make_server"
+        address = ip_address(match["where"])
+        pids = Supervised(process, address, set()).ready_pids(1)
+        assert ask(address)[0] in pids
+        process.send_signal(signal.SIGTERM)
+        assert process.wait() == 0
+    assert wait_for_exit(pids, GONE_WITHIN) == set()
+
+
+@contextlib.contextmanager
+def writer_of(fifo: Path) -> Iterator[None]:
+    """Hold ``fifo`` open for writing, from the moment a reader opened it."""
+    opened: list[int] = []
+    opening = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)))
+    opening.start()
+    opening.join(TIMEOUT)
+    if not opened:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # releases the thread
+        opening.join()
+        os.close(opened[0])
+        pytest.fail(f"nobody opened {fifo} for reading in {TIMEOUT} s")
+    try:
+        yield
+    finally:
+        os.close(opened[0])
+
+
+def get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 # -- the client load ---------------------------------------------------------------------

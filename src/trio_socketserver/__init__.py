@@ -36,6 +36,7 @@ from ._streams import IncompleteReadError as IncompleteReadError
 from ._streams import StreamReader as StreamReader
 from ._streams import StreamWriter as StreamWriter
 from ._threading import ThreadingMixIn as ThreadingMixIn
+from ._workers._api import serve_workers as serve_workers
 
 __all__ = [
     "BaseRequestHandler",
@@ -66,4 +67,5 @@ __all__ = [
     "UnixStreamServer",
     "inherited_sockets",
     "serve_until_signal",
+    "serve_workers",
 ]

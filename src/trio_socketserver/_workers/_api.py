@@ -14,8 +14,6 @@ import trio
 from .._activation import check_servable
 from .._server import BaseServer
 from .._signals import describe_address
-from ._factory import name_factory
-from ._supervisor import Supervisor
 
 
 async def serve_workers(
@@ -75,6 +73,11 @@ async def serve_workers(
     listening, an unknown kind) or ``workers`` below 1; ``TypeError`` for a factory that
     workers cannot import by name.
     """
+    # Imported here: a program that never starts workers does not load the supervisor and
+    # the command line's modules it shares (a sizeable part of `import trio_socketserver`).
+    from ._factory import name_factory
+    from ._supervisor import Supervisor
+
     where, qualname = name_factory(factory)
     if not sockets:
         raise ValueError("serve_workers() needs at least one listening socket")

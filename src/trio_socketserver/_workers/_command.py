@@ -1,14 +1,16 @@
 # `trio-socketserver --workers N`: the command line's options turned into a supervisor. It
 # binds every address once, with the command line's own server classes (so SO_REUSEADDR,
 # stale Unix socket files and the "address in use" message are exactly the one-process
-# command line's), or takes the sockets systemd passed; and it gives each worker the
-# command line it was given, less the options the supervisor acts on. The supervisor itself
+# command line's), or takes the sockets systemd passed; it gives each worker the command
+# line it was given, less the options the supervisor acts on, and serves the health
+# endpoint (for all the workers) itself. The supervisor itself
 # is _supervisor.py; what a worker does with its command line is the ordinary CLI's.
 """The command line's ``--workers``: from options to a running supervisor."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -16,9 +18,12 @@ from typing import Any
 
 import trio
 
+from .._activation import inherited_sockets
 from .._cli import (
     Config,
     Endpoint,
+    UsageError,
+    activated_endpoints,
     cannot_listen,
     endpoints_of,
     server_class,
@@ -26,8 +31,10 @@ from .._cli import (
 )
 from .._echo import DatagramEchoHandler, EchoHandler
 from .._handlers import BaseRequestHandler
-from .._server import BaseServer
+from .._health import serve_with_health
+from .._server import LOGGER, BaseServer
 from .._signals import describe_address
+from ._metrics import WorkersHealthServer
 from ._supervisor import Supervisor
 
 STOP_MARGIN = 5.0
@@ -38,34 +45,75 @@ its drain is bounded by the worker itself; this only catches one that hangs anyw
 def run_supervisor(options: argparse.Namespace) -> int:
     """Serve ``options`` (which ask for ``--workers``) with a supervisor; return the status.
 
-    Errors: ``UsageError`` for options that cannot work with workers, and for an address
-    that cannot be bound (as the one-process command line says it).
+    Errors: ``UsageError`` for options that cannot work with workers, for sockets passed by
+    a service manager that the options do not fit, and for an address that cannot be bound
+    (as the one-process command line says them).
     """
-    endpoints = endpoints_of(options)
+    try:
+        # Taken (and the variables removed) before any worker starts: the workers get
+        # the sockets from the supervisor, with variables of their own.
+        inherited = inherited_sockets(os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     with ExitStack() as closing:
-        servers = [closing.enter_context(_bound(options, e)) for e in endpoints]
+        for entry in inherited:
+            closing.callback(entry.socket.close)
         command = ["cli", *worker_arguments(options)]
-        sockets = [server.socket for server in servers]
+        names: list[str] | None = None
+        if inherited:
+            activated_endpoints(options, inherited)  # the same checks as without workers
+            sockets = [entry.socket for entry in inherited]
+            names = [entry.name for entry in inherited]
+        else:
+            servers = [closing.enter_context(_bound(options, e)) for e in endpoints_of(options)]
+            sockets = [server.socket for server in servers]
         if options.reuse_port:
             # Each worker binds its own socket, to the address bound here (port 0 resolved);
-            # the socket kept here holds the port but does not listen, so the kernel hands it
-            # no connection.
-            for server in servers:
-                command += ["--bind", _bind_text(server), "--reuse-port"]
-            sockets = []
-        grace = options.shutdown_grace
-        if grace is None:
-            grace = BaseServer.shutdown_grace
+            # the socket kept here holds the port but does not listen, so the kernel hands
+            # it no connection.
+            for sock in sockets:
+                command += ["--bind", _bind_text(sock)]
+            command.append("--reuse-port")
+            _mention_migration()
+        grace = (
+            BaseServer.shutdown_grace if options.shutdown_grace is None else options.shutdown_grace
+        )
         supervisor = Supervisor(
             command=command,
             workers=options.workers,
-            sockets=sockets,
-            names=None,
+            sockets=[] if options.reuse_port else sockets,
+            names=names,
             what=options.handler or (DatagramEchoHandler if options.udp else EchoHandler).__name__,
-            addresses=[_describe(options, server) for server in servers],
+            addresses=[_describe(options, sock) for sock in sockets],
             stop_timeout=None if grace is None else grace + STOP_MARGIN,
         )
-        return trio.run(supervisor.run)
+        health = None
+        if options.health_bind is not None:
+            try:
+                health = WorkersHealthServer(options.health_bind.address, supervisor)
+            except OSError as exc:
+                raise cannot_listen(options.health_bind, exc, option="--health-bind") from None
+            closing.callback(health.server_close)
+        return trio.run(serve_with_health, health, supervisor.run)
+
+
+# Linux 5.14+: when a listening socket closes, the connections queued on it move to another
+# socket of its SO_REUSEPORT group instead of being reset.
+MIGRATE_SETTING = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _mention_migration() -> None:
+    try:
+        with open(MIGRATE_SETTING) as setting:
+            enabled = setting.read().strip() != "0"
+    except OSError:
+        return  # not Linux, or a kernel without it: the docs say what that costs
+    if not enabled:
+        LOGGER.info(
+            "--reuse-port: a connection the kernel queued on a stopping worker's socket is "
+            "reset when that socket closes (at a reload or a stop); sysctl "
+            "net.ipv4.tcp_migrate_req=1 hands it to another worker instead"
+        )
 
 
 @contextmanager
@@ -95,15 +143,12 @@ def _bound(options: argparse.Namespace, endpoint: Endpoint) -> Iterator[BaseServ
         server.server_close()
 
 
-def _bind_text(server: BaseServer) -> str:
-    host, port = server.server_address[:2]
-    return f"[{host}]:{port}" if server.socket.family == socket.AF_INET6 else f"{host}:{port}"
+def _bind_text(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
-def _describe(options: argparse.Namespace, server: BaseServer) -> str:
+def _describe(options: argparse.Namespace, sock: socket.socket) -> str:
     return describe_address(
-        server.socket.family,
-        server.server_address,
-        datagram=options.udp,
-        tls=options.tls_cert is not None,
+        sock.family, sock.getsockname(), datagram=options.udp, tls=options.tls_cert is not None
     )

@@ -78,6 +78,13 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def state(self) -> str:
+        """``starting`` (not ready yet), ``ready``, or ``draining`` (stopping)."""
+        if self.asked_to_stop or self.draining:
+            return "draining"
+        return "ready" if self.ready else "starting"
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` unless the worker has been reaped (so never to a reused pid)."""
         with contextlib.suppress(ProcessLookupError):

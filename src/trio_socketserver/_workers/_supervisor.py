@@ -22,16 +22,13 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import attrs
 import trio
 
+from .._cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .._engine import LOGGER
 from .._notify import feed_watchdog, notify, watchdog_interval
 from .._signals import report_stop
 from ._metrics import totals
 from ._policy import STABLE_AFTER, CrashPolicy
 from ._process import WorkerProcess, describe_exit, start_worker, wait_for_exit
-
-EXIT_OK = 0
-EXIT_CRASH_LOOP = 1
-EXIT_USAGE = 2
 
 READY_TIMEOUT = 60.0
 """Seconds a new worker has to say ``READY=1``; after that it is killed, and counts as a
@@ -89,6 +86,8 @@ class Supervisor:
     _watch_fd: int = -1
     _serial: int = 0
     _stop_began: float | None = None
+    crashes: int = 0
+    """Workers that died without being asked to stop."""
     # What the service manager is told, in order, by one task (see _tell).
     _notices: trio.MemorySendChannel[tuple[str, ...]] | None = None
 
@@ -261,6 +260,7 @@ class Supervisor:
             self._done.set()
 
     def _replace(self, worker: WorkerProcess, returncode: int, how: str) -> None:
+        self.crashes += 1
         slot = worker.slot
         if self._current[slot] is worker:
             self._current[slot] = None
@@ -283,7 +283,7 @@ class Supervisor:
                 worker.pid,
                 how,
             )
-            self._stop(EXIT_CRASH_LOOP)
+            self._stop(EXIT_FAILURE)
             return
         LOGGER.warning(
             "worker %d %s after %.1f s; starting a replacement%s",
@@ -293,12 +293,14 @@ class Supervisor:
             f" in {verdict.delay} s" if verdict.delay else "",
         )
         assert self._nursery is not None
-        self._nursery.start_soon(self._start_replacement, slot, verdict.delay)
+        self._nursery.start_soon(self._start_replacement, worker, verdict.delay)
 
-    async def _start_replacement(self, slot: int, delay: float) -> None:
+    async def _start_replacement(self, dead: WorkerProcess, delay: float) -> None:
         await trio.sleep(delay)
-        if self._phase != "stopping" and self._current[slot] is None:
-            self._current[slot] = self._start(slot, self._generation)
+        if self._phase != "stopping" and self._current[dead.slot] is None:
+            worker = self._start(dead.slot, self._generation)
+            self._current[dead.slot] = worker
+            LOGGER.info("worker %d started in place of %d", worker.pid, dead.pid)
 
     async def _take_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -414,12 +416,18 @@ class Supervisor:
             self._current
         )
 
-    @property
-    def workers_ready(self) -> bool:
-        """Whether every worker of the serving generation is ready and none is stopping."""
-        return self._phase == "serving" and all(
-            w is not None and w.ready and not w.draining for w in self._current
-        )
+    def not_ready(self) -> list[str]:
+        """Why the workers are not ready to serve (empty: every worker of the serving
+        generation is ready, and the supervisor is not stopping)."""
+        if self._phase == "stopping":
+            return ["the supervisor is stopping"]
+        reasons = []
+        for slot, worker in enumerate(self._current):
+            if worker is None:
+                reasons.append(f"worker {slot + 1} of {self.workers} died; its replacement is due")
+            elif worker.state != "ready":
+                reasons.append(f"worker {worker.pid} is {worker.state}")
+        return reasons
 
     def live_workers(self) -> list[WorkerProcess]:
         """The workers running now, oldest first."""
