@@ -38,8 +38,11 @@ from ._cli import (
 from ._health import HealthServer, serve_with_health
 from ._server import LOGGER, BaseServer, is_async_handler
 from ._signals import describe_address, forced_exit_status, serve_until_signal
+from ._workers import _reporting
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With --workers, the supervisor's and the workers' lines share one stderr: each says whose.
+LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # The engine logs one line per connection here (peer, duration, bytes, outcome).
 ACCESS_LOGGER = "trio_socketserver.access"
 
@@ -54,7 +57,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except UsageError as exc:
         _error(prog, str(exc))
         return EXIT_USAGE
-    configure_logging(options.log_level, access_log=options.access_log)
+    several = options.workers is not None or _reporting.supervised()
+    configure_logging(options.log_level, access_log=options.access_log, with_pid=several)
     if options.workers is not None:
         return _supervise(options, prog)
     try:
@@ -106,9 +110,15 @@ def _supervise(options: argparse.Namespace, prog: str) -> int:
         return EXIT_FAILURE
 
 
-def configure_logging(level: str, *, access_log: bool) -> None:
-    """Log to stderr from ``level`` on; the access log only when asked for (or at DEBUG)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+def configure_logging(level: str, *, access_log: bool, with_pid: bool = False) -> None:
+    """Log to stderr from ``level`` on; the access log only when asked for (or at DEBUG).
+
+    ``with_pid``: each line names the process (``trio_socketserver[1234]: ...``), for a
+    supervisor and its workers.
+    """
+    logging.basicConfig(
+        level=level, format=LOG_FORMAT_WITH_PID if with_pid else LOG_FORMAT, stream=sys.stderr
+    )
     root_level = logging.getLogger().level
     if access_log:
         access_level = min(logging.INFO, root_level)

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from .. import __main__
 from .._activation import inherited_sockets
 from .._cli import EXIT_FAILURE, EXIT_USAGE
 from .._server import LOGGER, BaseServer
@@ -27,9 +28,6 @@ from .._signals import serve_until_signal
 # "__main__", so its `if __name__ == "__main__":` block (which starts the supervisor) does
 # not run again in every worker.
 MAIN_ALIAS = "__trio_socketserver_main__"
-
-# The command line's format, so that a program's workers log as `--workers` ones do.
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 Factory = Callable[[Any], BaseServer]
 
@@ -98,7 +96,8 @@ def serve_factory(where: str, qualname: str, log_level: str) -> int:
     does not import: the supervisor takes it for a worker that could not start. One while
     serving: status 1.
     """
-    logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
+    # As `--workers` ones do (the command line's format, with the pid).
+    logging.basicConfig(level=log_level, format=__main__.LOG_FORMAT_WITH_PID, stream=sys.stderr)
     inherited = inherited_sockets()
     servers: list[BaseServer] = []
     try:
