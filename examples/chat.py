@@ -4,14 +4,16 @@
     nc 127.0.0.1 8000                    # in several terminals
 
 It shows state shared between handler tasks (the room), fan-out that a slow
-client cannot stall, and clients that may leave at any moment, even mid-line.
+client cannot stall, clients that may leave at any moment, even mid-line, and a
+graceful stop: when the server drains, every client is told why before its
+session ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import sys
 
 import trio
 
@@ -53,6 +55,8 @@ class Room:
                     outbox.send_nowait(message)
                 except trio.WouldBlock:
                     pass  # that client is not reading: it misses this message
+                except trio.ClosedResourceError:
+                    pass  # that client's session is ending: it was told why
 
 
 class ChatHandler(trio_socketserver.StreamRequestHandler):
@@ -66,12 +70,13 @@ class ChatHandler(trio_socketserver.StreamRequestHandler):
         outbox, inbox = trio.open_memory_channel[bytes](OUTBOX_SIZE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.deliver, inbox, nursery.cancel_scope)
+            nursery.start_soon(self.part_on_shutdown, outbox)
             self.server.room.join(name, outbox)
             try:
                 await self.relay(name)
             finally:
-                # However the client left (EOF, reset, cancelled by a
-                # shutdown), the room forgets it and the others hear of it.
+                # However the client left (EOF, reset, the server stopping), the
+                # room forgets it and the others hear of it.
                 self.server.room.leave(name)
                 nursery.cancel_scope.cancel()
 
@@ -88,15 +93,25 @@ class ChatHandler(trio_socketserver.StreamRequestHandler):
         except trio.BrokenResourceError:
             return  # the connection was reset: the client is gone
 
+    async def part_on_shutdown(self, outbox: trio.MemorySendChannel[bytes]) -> None:
+        """When the server drains, tell the client why, then end its session once
+        everything before the goodbye has been delivered."""
+        await self.server.wait_for_shutdown()
+        with trio.move_on_after(1):  # a client that is not reading misses the goodbye
+            await outbox.send(b"* the server is shutting down; please reconnect later\n")
+        await outbox.aclose()
+
     async def deliver(
         self, inbox: trio.MemoryReceiveChannel[bytes], session: trio.CancelScope
     ) -> None:
-        """Send the client its messages; when it cannot take them, end its session."""
+        """Send the client its messages; when it cannot take them, or its outbox
+        closes (the server is stopping), end its session."""
         try:
             async for message in inbox:
                 await self.wfile.write(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            session.cancel()
+            pass
+        session.cancel()
 
 
 class ChatServer(trio_socketserver.TCPServer):
@@ -108,21 +123,11 @@ class ChatServer(trio_socketserver.TCPServer):
         self.room = Room()
 
 
-async def main(host: str, port: int) -> None:
-    # This program handles the signals itself, to tell the room before it stops,
-    # so it uses the nursery-based form; trio_socketserver.serve_until_signal()
-    # (see echo.py) does the rest of this for programs with nothing to add.
-    # Take over Ctrl-C and SIGTERM before listening, so a signal can never
-    # arrive while nobody is there to turn it into a graceful shutdown.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with ChatServer((host, port)) as server, trio.open_nursery() as nursery:
-            await nursery.start(server.serve_forever)
-            port = server.server_address[1]
-            logging.getLogger("chat").info("serving chat on tcp %s:%d (Ctrl-C to stop)", host, port)
-            async for _ in signals:
-                break
-            server.room.broadcast(b"* the server is shutting down\n", sender="")
-            server.shutdown()
+async def main(host: str, port: int) -> int:
+    async with ChatServer((host, port)) as server:
+        # Ctrl-C or SIGTERM: every session says goodbye and ends; a second
+        # signal stops at once.
+        return await trio_socketserver.serve_until_signal(server)
 
 
 if __name__ == "__main__":
@@ -133,4 +138,4 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    trio.run(main, args.host, args.port)
+    sys.exit(trio.run(main, args.host, args.port))

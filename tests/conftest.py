@@ -10,7 +10,10 @@ import os
 import select
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -34,6 +37,10 @@ ServerT = TypeVar("ServerT", bound=BaseServer)
 # The most bytes a helper reads while looking for one line: a broken server that never
 # sends b"\n" fails the test instead of filling memory.
 MAX_LINE = 65536
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+# How long a run_python() subprocess may take: an interpreter start plus a few servers.
+SUBPROCESS_TIMEOUT = 60.0
 
 # How long serving_on_thread() waits for serve_forever() to return after shutdown().
 SERVE_FOREVER_EXIT_TIMEOUT = 5.0
@@ -122,6 +129,48 @@ def serving_on_thread(server: Any, poll_interval: float | None = 0.5) -> Iterato
         thread.join(SERVE_FOREVER_EXIT_TIMEOUT)
         server.server_close()
     assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
+
+
+def haproxy_binary() -> str:
+    """The haproxy program for the tests that run behind a real one.
+
+    Missing, the test is skipped with the reason, unless TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1
+    (CI sets it, after installing haproxy), which makes a missing haproxy a failure: CI can
+    never skip these tests.
+    """
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found is not None:
+        return found
+    if os.environ.get("TRIO_SOCKETSERVER_REQUIRE_HAPROXY") == "1":
+        pytest.fail("TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1, but haproxy is not installed")
+    pytest.skip(
+        "haproxy is not installed (apt install haproxy); "
+        "TRIO_SOCKETSERVER_REQUIRE_HAPROXY=1 turns this skip into a failure"
+    )
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports this checkout; fail on a non-zero exit.
+
+    For what changes process-wide state, such as ``compat.install()``.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 async def connect(server: Any) -> trio.SocketStream:

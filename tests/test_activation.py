@@ -86,6 +86,27 @@ def test_an_inherited_stream_socket_is_served(case: str, unix_dir: Path) -> None
             assert Path(address).is_socket()
 
 
+@pytest.mark.usefixtures("no_leaks")
+def test_a_client_that_connects_between_two_runs_is_served_by_the_next(
+    tcp_socket: socket.socket,
+) -> None:
+    # The socket stays the service manager's (here: the test's) across a restart, so a
+    # client that connects while no process runs waits in its backlog instead of being
+    # refused.
+    with activated([tcp_socket]) as first:
+        first.serving()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait() == 0
+    with socket.create_connection(tcp_socket.getsockname(), timeout=TIMEOUT) as client:
+        client.sendall(b"while nobody served\n")
+        with activated([tcp_socket]) as second:
+            second.serving()
+            assert read_until(client, b"\n") == b"while nobody served\n"
+            client.close()
+            second.send_signal(signal.SIGTERM)
+            assert second.wait() == 0
+
+
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
 @pytest.mark.usefixtures("no_leaks")
 def test_an_inherited_datagram_socket_is_served_with_udp(family: int, unix_dir: Path) -> None:

@@ -118,11 +118,13 @@ def test_server_class_carries_the_options() -> None:
         threading=True,
         max_connections=3,
         shutdown_grace=0.5,
+        drain_delay=2.5,
     )
     cls = server_class(config, Endpoint(V6, ("::1", 0)))
     assert issubclass(cls, trio_socketserver.ThreadingTCPServer)
     assert cls.address_family == V6
     assert (cls.max_connections, cls.max_threads, cls.shutdown_grace) == (3, 3, 0.5)
+    assert cls.drain_delay == 2.5
     assert cls.daemon_threads
     assert cls.allow_reuse_address  # a restart binds at once (TIME-WAIT)
     datagrams = Config(endpoints=(), handler=DatagramEchoHandler, udp=True)
@@ -136,6 +138,38 @@ def test_server_class_carries_the_options() -> None:
     assert unix_cls.shutdown_grace == trio_socketserver.BaseServer.shutdown_grace
     # The class attributes of the engine stay untouched.
     assert trio_socketserver.ThreadingTCPServer.address_family == V4
+
+
+def test_proxy_protocol_options_reach_the_server_class() -> None:
+    config = config_from(
+        "--proxy-protocol", "v2", "--proxy-trusted", "10.0.0.0/8", "--proxy-trusted", "::1"
+    )
+    assert (config.proxy_protocol, config.proxy_trusted) == ("v2", ("10.0.0.0/8", "::1"))
+    cls = server_class(config, Endpoint(V4, ("127.0.0.1", 0)))
+    assert (cls.proxy_protocol, cls.proxy_trusted) == ("v2", ("10.0.0.0/8", "::1"))
+    # Without --proxy-trusted the server's own default (loopback) stays.
+    default = server_class(config_from("--proxy-protocol", "auto"), Endpoint(UNIX, "x"))
+    assert default.proxy_protocol == "auto"
+    assert default.proxy_trusted == trio_socketserver.BaseServer.proxy_trusted
+    assert server_class(config_from(), Endpoint(V4, ("127.0.0.1", 0))).proxy_protocol is None
+
+
+def test_drain_delay_defaults_to_zero() -> None:
+    assert config_from().drain_delay == 0
+    assert config_from("--drain-delay", "1.5").drain_delay == 1.5
+
+
+def test_sigterm_keeps_accepting_for_the_drain_delay() -> None:
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--drain-delay", "3600") as server:
+        address = server.address()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_line("SIGTERM: shutting down", stream="stderr")
+        # Draining, but a client that a balancer still sends is served.
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"still here\n")
+            assert read_until(client, b"\n") == b"still here\n"
+        server.send_signal(signal.SIGTERM)  # the second signal does not wait out the delay
+        assert server.wait() == 143
 
 
 def test_shutdown_grace_may_be_infinite() -> None:
@@ -179,11 +213,20 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--max-connections", "0"], "expected a whole number >= 1"),
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
+        (["--drain-delay", "-1"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
         (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
         (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
         (["--udp", "--tls-cert", "cert.pem"], "stream servers only; drop --udp"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--proxy-protocol", "v3"], "invalid choice: 'v3'"),
+        (["--udp", "--proxy-protocol", "v1"], "--proxy-protocol works with stream servers only"),
+        (["--proxy-trusted", "10.0.0.0/8"], "--proxy-trusted needs --proxy-protocol"),
+        (
+            ["--proxy-protocol", "v1", "--proxy-trusted", "10.0.0.1/8"],
+            "expected an address or network, e.g. 10.0.0.0/8",
+        ),
+        (["--proxy-protocol", "v1", "--proxy-trusted", "lb.internal"], "address or network"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(
@@ -210,7 +253,7 @@ def test_help_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
         cli_main.main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    for text in ["--bind HOST:PORT", "--health-bind HOST:PORT", "Exit status", "130/143"]:
+    for text in ["--bind HOST:PORT", "--health-bind", "--shutdown-grace", "Exit status", "130/143"]:
         assert text in out
 
 
@@ -254,26 +297,30 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
-def test_sigterm_gives_in_flight_connections_the_grace_then_eof() -> None:
+def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     grace = 0.5
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server:
-        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+    with (
+        ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as idle,
+        socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as busy,
+    ):
+        for client in (idle, busy):
             client.sendall(b"before\n")
-            assert read_until(client, b"\n") == b"before\n"  # the handler is in flight
-            # The server's deadline is set after it gets the signal, so at least
-            # `grace` seconds pass between here and EOF (same monotonic clock).
-            signalled = time.monotonic()
-            server.send_signal(signal.SIGTERM)
-            server.wait_for_line("SIGTERM: shutting down", stream="stderr")
-            # Stopped accepting, but the connection in flight is still served...
-            client.sendall(b"during the grace\n")
-            assert read_until(client, b"\n") == b"during the grace\n"
-            # ...until the grace is over; then it is cut and the client sees EOF.
-            assert client.recv(100) == b""
-            assert time.monotonic() - signalled >= grace
+            assert read_until(client, b"\n") == b"before\n"
+        busy.sendall(b"half a li")  # the echo handler is in the middle of a line
+        # The server's deadline is set after it gets the signal, so at least
+        # `grace` seconds pass between here and the busy client's EOF.
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        # Waiting for its next line, the idle connection ends at once, cleanly...
+        assert idle.recv(100) == b""
+        # ...the busy one can still send during the grace, and is cut when it is over.
+        busy.sendall(b"ne, and more")
+        assert busy.recv(100) == b""
+        assert time.monotonic() - signalled >= grace
         assert server.wait() == 0
     report = re.search(
-        r" in (\S+) s: requests finished: 0, failed: 0, cut short: 1, refused: 0$",
+        r" in (\S+) s: requests finished: 1, failed: 0, cut short: 1, refused: 0$",
         server.stderr,
         re.MULTILINE,
     )
@@ -315,6 +362,29 @@ def test_several_binds_serve_together_and_stop_together() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait() == 0
     assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0, refused: 0") == 2
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_behind_a_balancer_with_proxy_protocol() -> None:
+    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--proxy-protocol", "v1") as server:
+        address = server.address()
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            header = b"PROXY TCP4 203.0.113.7 192.0.2.1 41000 443\r\n"
+            client.sendall(header + b"forwarded\n")
+            assert read_until(client, b"\n") == b"forwarded\n"  # the header is not echoed
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
+            client.sendall(b"no header\n")
+            try:
+                assert client.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with the line unread: a reset is the same refusal
+        server.wait_for_line(
+            r"INFO trio_socketserver: refused the connection from \('127\.0\.0\.1', \d+\): "
+            r"PROXY protocol: no PROXY protocol v1 header",
+            stream="stderr",
+        )
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 0
 
 
 @pytest.mark.usefixtures("no_leaks")

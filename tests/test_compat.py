@@ -14,7 +14,6 @@ import socketserver as stdlib_socketserver
 import ssl
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 import trustme
 
+from conftest import run_python
 from conftest import serving_on_thread as serving
 from trio_socketserver import _threading, compat
 
@@ -34,8 +34,6 @@ LOCALHOST = ("127.0.0.1", 0)
 SRC = Path(__file__).resolve().parent.parent / "src"
 # Every blocking wait in these tests is bounded: a broken server fails a test, never hangs it.
 WAIT = 5.0
-# How long a subprocess test may take: an interpreter start plus a few servers.
-SUBPROCESS_TIMEOUT = 60.0
 # Attribute defaults that differ from the stdlib's on purpose (docs/compat.md says why).
 DELIBERATE_DEFAULTS = {"request_queue_size": 1024}
 
@@ -77,24 +75,6 @@ def elapsed_call(fn: Callable[[], object], limit: float = WAIT) -> float:
     if errors:
         raise errors[0]
     return time.monotonic() - start
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter that imports this checkout; fail on a non-zero exit."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=SUBPROCESS_TIMEOUT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 # -- the module's surface ----------------------------------------------------------------

@@ -84,6 +84,27 @@ def test_chat_survives_a_client_that_leaves_mid_line() -> None:
         stop(server)
 
 
+def test_chat_tells_its_clients_why_it_stops() -> None:
+    with example("chat.py") as server:
+        address = server.address()
+        with connect(address) as alice, connect(address) as bob:
+            assert read_until(alice, b"\n").startswith(b"* welcome")
+            assert read_until(bob, b"\n").startswith(b"* welcome")
+            assert read_until(alice, b"\n").endswith(b" joined\n")
+            bob.sendall(b"hi\n")
+            assert read_until(alice, b"\n").endswith(b"> hi\n")
+            server.send_signal(signal.SIGTERM)
+            # A lurker and a talker alike: told why, then a clean end of the session
+            # (no reset), without waiting for the shutdown grace.
+            for client in (alice, bob):
+                rest = b""
+                while chunk := client.recv(4096):
+                    rest += chunk
+                assert rest.endswith(b"* the server is shutting down; please reconnect later\n")
+            assert server.wait() == 0
+        assert "cut short: 0" in server.stderr
+
+
 def test_udp_echo() -> None:
     with example("udp_echo.py") as server:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

@@ -186,6 +186,21 @@ async def test_requests_run_in_reused_workers_forked_from_a_fork_server() -> Non
         os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - does not wait: WNOHANG
 
 
+async def test_a_socket_made_elsewhere_is_served_by_the_workers() -> None:
+    # A socket a service manager passed (socket activation), served by the worker processes.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    with trio.fail_after(TEST_TIMEOUT):
+        server = ts.ForkingTCPServer.from_socket(sock, Commands)
+        server.max_children = 1
+        async with serving(server):
+            answer = await ask(server, b"activated\n")
+            assert answer.endswith(b" activated\n")
+            assert pid_of(answer) != os.getpid()
+    assert sock.fileno() == -1
+
+
 async def test_each_handle_request_forks_the_workers_afresh() -> None:
     """Each handle_request() is a serving call: its worker is a clone of the process as it
     is then, so what changed since the last call is seen (and a worker's own state is not)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import signal
 import socket
 import time
@@ -373,6 +374,21 @@ async def test_idle_health_connections_do_not_stop_the_server_from_serving() -> 
                     await stream.aclose()
 
 
+@pytest.mark.usefixtures("no_leaks")
+async def test_health_server_from_a_socket_made_elsewhere() -> None:
+    sock = socket.socket()
+    sock.bind(LOCALHOST)
+    sock.listen()
+    with trio.fail_after(TIMEOUT):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Echo)) as server,
+            serving(ts.HealthServer.from_socket(sock, [server])) as health,
+        ):
+            assert health.server_address == sock.getsockname()
+            assert await get_path(health, "/ready") == (200, "ready\n")
+    assert sock.fileno() == -1
+
+
 def test_health_server_needs_a_server_and_takes_ipv6() -> None:
     with pytest.raises(ValueError, match="needs at least one server"):
         ts.HealthServer(LOCALHOST, [])
@@ -403,27 +419,34 @@ HEALTH_LINE = r"health endpoint on tcp (\S+): GET /live, /ready, /metrics"
 
 
 @pytest.mark.usefixtures("no_leaks")
-def test_cli_health_bind_answers_through_start_serve_and_drain() -> None:
-    args = ("--bind", "127.0.0.1:0", "--health-bind", "127.0.0.1:0", "--shutdown-grace", "30")
+def test_cli_health_bind_answers_through_serving_and_the_drain() -> None:
+    # A drain delay longer than the test: the server keeps accepting while /ready says 503,
+    # as a balancer polling it needs; the second signal ends it.
+    args = ("--bind", "127.0.0.1:0", "--health-bind", "127.0.0.1:0", "--drain-delay", "3600")
     with ServerProcess(*CLI, *args) as server:
         health = ip_address(server.wait_for_line(HEALTH_LINE, stream="stderr")[1])
         address = server.address()  # logged once it accepts
         label = f"tcp 127.0.0.1:{address[1]}"
         assert http_get(health, "/ready") == (200, "ready\n")
-        with socket.create_connection(address, timeout=TIMEOUT) as held:
-            held.sendall(b"in flight\n")
-            assert read_until(held, b"\n") == b"in flight\n"
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            client.sendall(b"in flight\n")
+            assert read_until(client, b"\n") == b"in flight\n"
             status, metrics = http_get(health, "/metrics")
             assert status == 200
             assert f'trio_socketserver_accepted_total{{server="{label}"}} 1' in metrics
             assert f'trio_socketserver_active_requests{{server="{label}"}} 1' in metrics
-            server.send_signal(signal.SIGTERM)
-            server.wait_for_line("SIGTERM: shutting down", stream="stderr")
-            assert http_get(health, "/ready") == (503, f"not ready: {label} is draining\n")
-            assert http_get(health, "/live") == (200, "live\n")
-        assert server.wait() == 0
-    assert f"stopped serving on {label} in " in server.stderr
-    assert "requests finished: 1, failed: 0, cut short: 0, refused: 0" in server.stderr
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_line("SIGTERM: shutting down", stream="stderr")
+        assert http_get(health, "/ready") == (503, f"not ready: {label} is draining\n")
+        assert http_get(health, "/live") == (200, "live\n")
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            client.sendall(b"sent by a slow balancer\n")
+            assert read_until(client, b"\n") == b"sent by a slow balancer\n"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 143
+    assert re.search(
+        rf": stopped serving on {label} in \d+\.\d\d s: requests finished: \d, ", server.stderr
+    )
 
 
 @pytest.mark.usefixtures("no_leaks")

@@ -51,7 +51,8 @@ def test_ready_once_the_port_accepts_and_stopping_when_the_drain_begins(
     manager: socket.socket,
 ) -> None:
     env = {"NOTIFY_SOCKET": manager.getsockname()}
-    args = ("--bind", "127.0.0.1:0", "--shutdown-grace", "30")
+    # A drain delay longer than the test: the second signal ends it.
+    args = ("--bind", "127.0.0.1:0", "--drain-delay", "3600")
     with ServerProcess(*CLI, *args, env=env) as server:
         ready = receive(manager)
         assert ready["READY"] == "1"
@@ -59,13 +60,15 @@ def test_ready_once_the_port_accepts_and_stopping_when_the_drain_begins(
         assert status is not None, ready
         address = ("127.0.0.1", int(status[1]))
         # The port the STATUS names accepts and serves once READY=1 is sent.
-        with socket.create_connection(address, timeout=TIMEOUT) as in_flight:
-            echo(in_flight, b"ready\n")
-            server.send_signal(signal.SIGTERM)
-            assert receive(manager) == {"STOPPING": "1", "STATUS": "shutting down (SIGTERM)"}
-            # STOPPING=1 came at the start of the drain: the request in flight is still served.
-            echo(in_flight, b"still served\n")
-        assert server.wait() == 0  # its client left, so the drain ends at once
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            echo(client, b"ready\n")
+        server.send_signal(signal.SIGTERM)
+        assert receive(manager) == {"STOPPING": "1", "STATUS": "shutting down (SIGTERM)"}
+        # STOPPING=1 came at the start of the drain: the server still accepts new clients.
+        with socket.create_connection(address, timeout=TIMEOUT) as client:
+            echo(client, b"still served\n")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait() == 143
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -144,5 +147,6 @@ async def test_serve_until_signal_notifies_programs_of_the_api_too(
             "READY": "1",
             "STATUS": f"serving Echo on tcp {host}:{port}",
         }
-        server.shutdown()
+        server.shutdown()  # a drain that no signal began: from a handler, say
     assert statuses == [0]
+    assert receive(manager) == {"STOPPING": "1", "STATUS": "shutting down"}

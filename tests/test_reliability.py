@@ -950,7 +950,10 @@ def test_thread_blocked_on_its_socket_is_released_after_the_grace(
         assert accepted.wait(CLIENT_TIMEOUT)
         if blocked_in == "readline":
             sock.sendall(b"hello\n")
-            assert recv_line(sock) == b"hello\n"  # its next readline() waits for us now
+            assert recv_line(sock) == b"hello\n"
+            # Mid-line, its readline() waits for us now (between two lines, the drain would
+            # have ended it at once).
+            sock.sendall(b"half a li")
         took = bounded(server.shutdown, grace + SLACK, "shutdown")
         wait_closed(sock)
     assert grace <= took < grace + SLACK

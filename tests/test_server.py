@@ -597,7 +597,7 @@ async def test_shutdown_from_inside_an_async_handler() -> None:
             assert server.statistics().finished_requests == 1
 
 
-async def test_shutdown_stops_accepting_at_once() -> None:
+async def test_shutdown_serves_what_is_queued_then_stops_accepting() -> None:
     gate = Gate()
     with trio.fail_after(5):
         async with ts.TCPServer(LOCALHOST, gated_handler(gate)) as server:
@@ -606,17 +606,20 @@ async def test_shutdown_stops_accepting_at_once() -> None:
                 first = await connect(server)
                 await gate.wait_entered(1)
                 server.shutdown()
-                late = await connect(server)  # the kernel still completes the handshake
-                await trio.testing.wait_all_tasks_blocked()
-                assert server.statistics().accepted_requests == 1
+                # Connected before the server stopped accepting: it is served, not reset.
+                queued = await connect(server)
+                await gate.wait_entered(2)
                 gate.release.set()
                 assert await receive_line(first) == b"done\n"
+                assert await receive_line(queued) == b"done\n"
+            # serve_forever() has returned: nothing accepts any more. The kernel still
+            # completes a handshake on the open socket, and closing the listener resets it.
+            late = await connect(server)
             server.server_close()
-            # The late client was never served: closing the listener resets it.
             assert await receive_all(late) == b""
-            await first.aclose()
-            await late.aclose()
-    assert gate.entered == 1
+            for client in (first, queued, late):
+                await client.aclose()
+    assert gate.entered == 2
 
 
 async def test_in_flight_handler_finishes_within_the_grace(

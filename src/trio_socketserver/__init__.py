@@ -29,6 +29,8 @@ from ._handlers import BaseRequestHandler as BaseRequestHandler
 from ._handlers import DatagramRequestHandler as DatagramRequestHandler
 from ._handlers import StreamRequestHandler as StreamRequestHandler
 from ._health import HealthServer as HealthServer
+from ._proxy import ProxyHeader as ProxyHeader
+from ._proxy import current_proxy_header as current_proxy_header
 from ._server import BaseServer as BaseServer
 from ._server import ServerStatistics as ServerStatistics
 from ._signals import serve_until_signal as serve_until_signal
@@ -52,6 +54,7 @@ __all__ = [
     "HealthServer",
     "IncompleteReadError",
     "InheritedSocket",
+    "ProxyHeader",
     "ServerStatistics",
     "StreamReader",
     "StreamRequestHandler",
@@ -65,6 +68,7 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "current_proxy_header",
     "inherited_sockets",
     "serve_until_signal",
     "serve_workers",

@@ -64,9 +64,11 @@ current directory or the Python path. Its handle() may be async (one task per
 request) or sync (one request at a time; with --threading one thread each).
 Stream handlers serve TCP and --unix; with --udp, datagram handlers.
 
-Stopping: SIGINT (Ctrl-C) or SIGTERM stops accepting and gives in-flight
-requests --shutdown-grace seconds, then cancels them; a second signal stops
-at once. Handler threads are daemon threads: none keeps the process alive.
+Stopping: SIGINT (Ctrl-C) or SIGTERM starts draining: the server keeps
+accepting for --drain-delay seconds, serves the connections already queued,
+stops accepting, and gives in-flight requests --shutdown-grace seconds, then
+cancels them; a connection waiting for its next message ends at once. A
+second signal stops at once. Handler threads are daemon threads: none keeps the process alive.
 TCP addresses are bound with SO_REUSEADDR, so a restart can bind them at once;
 a Unix socket file left by a crashed server (nobody listens on it) is replaced.
 
@@ -74,7 +76,7 @@ Health: --health-bind HOST:PORT serves GET /live, GET /ready (503 while
 starting and draining) and GET /metrics (Prometheus text) on a port of its own.
 
 Service manager (systemd): with NOTIFY_SOCKET set it is told READY=1 once
-every port accepts, STOPPING=1 when a signal starts the drain, and WATCHDOG=1
+every port accepts, STOPPING=1 when the drain begins, and WATCHDOG=1
 when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
 LISTEN_FDS set) it serves the sockets passed from descriptor 3 on instead of
 binding; --bind and --unix cannot be given then.
@@ -129,7 +131,12 @@ class Config:
     max_connections: int | None = None
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
+    drain_delay: float = 0.0
     ssl_context: ssl.SSLContext | None = None
+    proxy_protocol: str | None = None
+    """``"v1"``, ``"v2"``, ``"auto"``, or None: no PROXY protocol header."""
+    proxy_trusted: tuple[str, ...] | None = None
+    """Who may send a PROXY header; None: the server's default (loopback)."""
     health: Endpoint | None = None
     """Where to serve the health endpoint (``--health-bind``), if anywhere."""
     reuse_port: bool = False
@@ -379,6 +386,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an address or network, e.g. 10.0.0.0/8 or 2001:db8::/32: {exc}"
+        ) from None
+    return text
+
+
 def _bind(text: str) -> Endpoint:
     try:
         return parse_bind(text)
@@ -393,6 +410,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+PROXY_PROTOCOL_CHOICES = ("v1", "v2", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -451,9 +469,35 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="how long in-flight requests may run after SIGINT/SIGTERM before they are "
         f"cancelled (default: {BaseServer.shutdown_grace})",
     )
+    what.add_argument(
+        "--drain-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="after SIGINT/SIGTERM, keep accepting this long while reporting that the server "
+        "is draining (/ready answers 503), so a load balancer moves traffic away before "
+        "anything is refused; set it above the balancer's health-check interval (default: 0)",
+    )
     what.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
     what.add_argument(
         "--tls-key", metavar="FILE", help="its PEM private key (if not in the certificate file)"
+    )
+    balancer = parser.add_argument_group("behind a load balancer")
+    balancer.add_argument(
+        "--proxy-protocol",
+        choices=PROXY_PROTOCOL_CHOICES,
+        help="every connection starts with a PROXY protocol header of this version (auto: "
+        "either), as HAProxy's send-proxy / send-proxy-v2 send it; handlers see the "
+        "original client's address. A connection without one is closed",
+    )
+    balancer.add_argument(
+        "--proxy-trusted",
+        action="append",
+        type=_network,
+        metavar="CIDR",
+        help="a peer address or network that may send the header, e.g. 10.0.0.0/8; "
+        "repeatable; replaces the default, loopback (127.0.0.0/8 and ::1). Peers on a Unix "
+        "socket are always trusted",
     )
     processes = parser.add_argument_group("several processes")
     processes.add_argument(
@@ -521,6 +565,12 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
         handler = load_handler(options.handler, udp=options.udp)
+    if options.proxy_protocol is not None and options.udp:
+        raise UsageError(
+            "--proxy-protocol works with stream servers only (a balancer's connections); drop --udp"
+        )
+    if options.proxy_trusted and options.proxy_protocol is None:
+        raise UsageError("--proxy-trusted needs --proxy-protocol (v1, v2 or auto)")
     return Config(
         endpoints=endpoints,
         handler=handler,
@@ -528,7 +578,10 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
+        drain_delay=options.drain_delay,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
+        proxy_protocol=options.proxy_protocol,
+        proxy_trusted=None if options.proxy_trusted is None else tuple(options.proxy_trusted),
         health=options.health_bind,
         reuse_port=options.reuse_port,
     )
@@ -658,6 +711,11 @@ def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.proxy_protocol is not None:
+        settings["proxy_protocol"] = config.proxy_protocol
+    if config.proxy_trusted is not None:
+        settings["proxy_trusted"] = config.proxy_trusted
+    settings["drain_delay"] = config.drain_delay
     if config.reuse_port and endpoint.family != socket.AF_UNIX:
         settings["allow_reuse_port"] = True
     return type(base.__name__, (base,), settings)

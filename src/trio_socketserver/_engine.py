@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import math
+import select
 import selectors
 import socket
 import sys
@@ -24,6 +25,16 @@ from typing import Any
 import attrs
 import trio
 
+from ._drain import Drain, Exchange
+from ._proxy import ProxyProtocolError
+from ._proxy import _current as _current_proxy_header
+from ._proxy_admission import (
+    ProxySettings,
+    proxied_address,
+    proxy_settings,
+    take_proxy_header,
+    take_proxy_header_blocking,
+)
 from ._socket_stream import SocketFastStream
 from ._threading import ThreadingMixIn, record_failure, run_in_thread
 
@@ -66,6 +77,9 @@ ACCEPT_SKIP_ERRNOS = frozenset(
     )
     if hasattr(errno, name)
 )
+# The most connections (or datagrams) a graceful stop takes from the kernel's queue after it
+# stopped accepting: all of a backlog, but a bound on what a flood can add meanwhile.
+BACKLOG_LIMIT = 4096
 # How long shutdown_request() may take once a stop has cut its request: long enough for an
 # async override to close the connection, short enough not to hold a hard stop.
 END_REQUEST_TIMEOUT = 1.0
@@ -166,6 +180,13 @@ def io_stream_for(request: object) -> Any:
     return request
 
 
+def drain_exchange(server: object, request: object) -> Exchange | None:
+    """The drain state of a stream handler's connection (see Engine.exchange_for); None for
+    a server without an engine (a ForkingMixIn worker's view, a test's stand-in)."""
+    engine: Engine | None = getattr(server, "_BaseServer__engine", None)
+    return None if engine is None else engine.exchange_for(request)
+
+
 @attrs.define(eq=False)
 class RateLimitedWarning:
     """A warning logged at most once per ``CAPACITY_LOG_INTERVAL`` seconds.
@@ -219,13 +240,20 @@ class _Run:
     """One call of serve_forever(): how other threads and tasks reach it."""
 
     token: trio.lowlevel.TrioToken
-    loops: trio.CancelScope = attrs.Factory(trio.CancelScope)
     stop_requested: bool = False
+    stopping: trio.Event = attrs.Factory(trio.Event)
+    accepting: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    drain: Drain = attrs.Factory(Drain)
     finished: threading.Event = attrs.Factory(threading.Event)
 
-    def request_stop(self) -> None:
+    def request_stop(self, closing: bool = False) -> None:
+        """On the trio thread: begin the stop sequence (see Engine.serve_forever).
+        ``closing``: the listening socket is about to be closed, so accepting ends now,
+        with no drain delay and no backlog to take."""
         self.stop_requested = True
-        self.loops.cancel()
+        self.stopping.set()
+        if closing:
+            self.accepting.cancel()
 
 
 @attrs.define(eq=False)
@@ -237,7 +265,24 @@ class _Requests:
     # Whether get_request() may only be called once the socket is readable (see
     # Engine.stdlib_manners); decided once per run, not per accept.
     readable_first: bool
-    slot: CapacitySlot | None = None  # the place of the request being dispatched
+    # The server's PROXY protocol settings, checked as the run starts; None: no header.
+    proxy: ProxySettings | None
+
+
+@attrs.define(eq=False)
+class _Admission:
+    """A request between get_request() and process_request(): its place under the capacity
+    limit, until process_request() hands it to the request's task (see start_request)."""
+
+    slot: CapacitySlot | None
+
+
+# The admission of the request whose verify_request()/process_request() the current task is
+# in. A context variable: with the PROXY protocol each connection is admitted in its own task,
+# so several admissions may be under way at once (an async verify_request() awaits).
+_admission: contextvars.ContextVar[_Admission | None] = contextvars.ContextVar(
+    "trio_socketserver_admission", default=None
+)
 
 
 # A request's body, run by start_request(): returns whether the request failed.
@@ -281,35 +326,97 @@ class Engine:
     async def serve_forever(
         self, poll_interval: float | None, task_status: trio.TaskStatus[None]
     ) -> None:
+        """The serve loop and the stop sequence of shutdown():
+
+        1. draining: ``shutdown_requested`` turns true and ``wait_for_shutdown()`` returns,
+           while the server keeps accepting for ``drain_delay`` seconds (a balancer that
+           polls readiness moves its traffic away before anything is refused);
+        2. the accept loop stops, the connections the kernel already queued are taken and
+           served, and the listening socket is left alone from then on;
+        3. the grace: requests in flight get ``shutdown_grace`` seconds, persistent
+           connections end at a message boundary (see _drain.py), then the rest is cancelled.
+
+        A shutdown() before serve_forever() makes it return at once (the stdlib's manners);
+        cancelling the caller is a hard stop at any step.
+        """
         run = _Run(trio.lowlevel.current_trio_token())
+        drain_delay = self._drain_delay()
         # Under the lock, so that a shutdown() from another thread either sees this
         # run or leaves _shutdown_pending for it: never neither.
         with self._lock:
             self.check_can_serve()
             if self._shutdown_pending:
-                # shutdown() before serve_forever(): as in the stdlib, it makes the
-                # next serve_forever() return at once.
                 self._shutdown_pending = False
                 run.request_stop()
             self.run = run
         try:
             async with self._open_requests() as requests:
+                deadline = math.inf
+                drain = not run.stop_requested
                 try:
-                    with run.loops:
+                    with run.accepting:
                         async with trio.open_nursery() as loops:
                             loops.start_soon(self._serve_requests, requests)
                             if poll_interval is not None:
                                 loops.start_soon(self._run_service_actions, poll_interval)
                             task_status.started()
-                            if run.stop_requested:
-                                loops.cancel_scope.cancel()
-                finally:
+                            await run.stopping.wait()
+                            if drain:
+                                await trio.sleep(drain_delay)
+                            loops.cancel_scope.cancel()
                     grace = self.server.shutdown_grace
-                    if grace is not None:
-                        requests.nursery.cancel_scope.deadline = trio.current_time() + grace
+                    deadline = math.inf if grace is None else trio.current_time() + grace
+                    # Idle persistent connections end first: with a capacity limit, the
+                    # backlog's clients may be waiting for the places they hold.
+                    run.drain.close_idle()
+                    if drain and not run.accepting.cancel_called:
+                        with trio.move_on_at(deadline):
+                            await self._accept_backlog(requests)
+                finally:
+                    requests.nursery.cancel_scope.deadline = deadline
+                    run.drain.close_idle()
         finally:
             self.run = None
             run.finished.set()
+
+    def _drain_delay(self) -> float:
+        delay = self.server.drain_delay
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ValueError(f"drain_delay must be a number of seconds >= 0, not {delay!r}")
+        return float(delay)
+
+    async def _accept_backlog(self, requests: _Requests) -> None:
+        """Take and serve what is already queued on the listening socket: clients that
+        connected (or datagrams that arrived) before the server stopped accepting.
+
+        All of it is taken first, without yielding, so that clients served meanwhile cannot
+        keep the queue full: what arrives after this sweep is left to the kernel.
+        """
+        server = self.server
+        poller = select.poll()
+        poller.register(server.socket, select.POLLIN)
+        queued: list[tuple[Any, Any]] = []
+        # get_request() may be a subclass's blocking one: call it only when there is a request.
+        while len(queued) < BACKLOG_LIMIT and poller.poll(0):
+            try:
+                queued.append(await call_hook(server.get_request))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno not in ACCEPT_SKIP_ERRNOS:
+                    LOGGER.info("stopped taking queued connections on %s: %r", server, exc)
+                    break
+        try:
+            while queued:
+                slot = CapacitySlot(requests.limiter)
+                await slot.take()
+                request, client_address = queued.pop(0)
+                await self._admit_request(requests, slot, request, client_address)
+        finally:
+            # The grace ran out while they waited for a place: no handler saw them.
+            for request, client_address in queued:
+                self._refused += 1
+                await self.end_request(request, client_address)
 
     async def handle_request(self) -> None:
         self.check_can_serve()
@@ -330,6 +437,7 @@ class Engine:
         self.check_can_serve()
         server = self.server
         reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
+        proxy = proxy_settings(server)
         with selectors.DefaultSelector() as selector:
             selector.register(server.socket, selectors.EVENT_READ)
             if not selector.select(timeout):
@@ -341,11 +449,24 @@ class Engine:
             return  # as the stdlib: the client went away, or another thread took it
         self._accepted += 1
         try:
-            if not server.verify_request(request, client_address):
-                self._refused += 1
-                self._end_request_blocking(request, client_address)
-                return
-            failed = self.blocking_sequence([request], client_address)
+            header = None
+            if proxy is not None:
+                try:
+                    header = take_proxy_header_blocking(request, client_address, proxy)
+                except ProxyProtocolError as error:
+                    self._refuse_proxied(client_address, error)
+                    self._end_request_blocking(request, client_address)
+                    return
+                client_address = proxied_address(header, request, client_address)
+            token = _current_proxy_header.set(header)
+            try:
+                if not server.verify_request(request, client_address):
+                    self._refused += 1
+                    self._end_request_blocking(request, client_address)
+                    return
+                failed = self.blocking_sequence([request], client_address)
+            finally:
+                _current_proxy_header.reset(token)
         except Exception:
             failed = True
             self._report_error_blocking(request, client_address)
@@ -376,6 +497,7 @@ class Engine:
     async def _open_requests(self) -> AsyncIterator[_Requests]:
         server = self.server
         limit = self._request_limit()
+        proxy = proxy_settings(server)
         if not is_async_handler(server.RequestHandlerClass):
             reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
         limiter = trio.CapacityLimiter(math.inf if limit is None else limit)
@@ -392,7 +514,7 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 readable_first = self.stdlib_manners and not _engine_get_request(server)
-                self._requests = _Requests(nursery, limiter, readable_first)
+                self._requests = _Requests(nursery, limiter, readable_first, proxy)
                 yield self._requests
         finally:
             self._requests = None
@@ -446,10 +568,57 @@ class Engine:
     async def _admit_request(
         self, requests: _Requests, slot: CapacitySlot, request: Any, client_address: Any
     ) -> None:
+        """Admit a request just taken from the socket, owning ``slot`` until a task takes it."""
+        self._accepted += 1
+        if requests.proxy is None:
+            await self._verify_and_process(slot, request, client_address)
+        else:
+            # In the connection's own task: a client slow to send its header holds only its
+            # own connection, never the accept loop.
+            requests.nursery.start_soon(
+                self._admit_behind_proxy, requests.proxy, slot, request, client_address
+            )
+
+    async def _admit_behind_proxy(
+        self, proxy: ProxySettings, slot: CapacitySlot, request: Any, peer: Any
+    ) -> None:
+        """Take the PROXY header off the connection, then admit it as the original client's."""
+        try:
+            header = await take_proxy_header(request, peer, proxy)
+        except ProxyProtocolError as error:
+            self._refuse_proxied(peer, error)
+            slot.give_back()
+            await self.end_request(request, peer)
+            return
+        except Exception:
+            # Not a connection a header can be read from (see take_proxy_header).
+            self._failed += 1
+            slot.give_back()
+            await self.report_error(request, peer)
+            await self.end_request(request, peer)
+            return
+        except BaseException:
+            # A stop cut the wait: no task owns the request yet.
+            slot.give_back()
+            await self.end_request(request, peer)
+            raise
+        # In this task's context, so the request's task (and its thread) see it.
+        _current_proxy_header.set(header)
+        await self._verify_and_process(slot, request, proxied_address(header, request, peer))
+
+    def _refuse_proxied(self, peer: Any, error: ProxyProtocolError) -> None:
+        """Count and log a connection refused for its PROXY header (the caller closes it)."""
+        self.proxy_rejected += 1
+        self._refused += 1
+        LOGGER.info("refused the connection from %r: PROXY protocol: %s", peer, error)
+
+    async def _verify_and_process(
+        self, slot: CapacitySlot, request: Any, client_address: Any
+    ) -> None:
         """verify_request, then process_request; gives the slot back if no task took it."""
         server = self.server
-        self._accepted += 1
-        requests.slot = slot
+        admission = _Admission(slot)
+        token = _admission.set(admission)
         try:
             try:
                 verified = await call_hook(server.verify_request, request, client_address)
@@ -467,8 +636,9 @@ class Engine:
             await self.report_error(request, client_address)
             await self.end_request(request, client_address)
         finally:
-            if requests.slot is not None:
-                requests.slot = None
+            _admission.reset(token)
+            if admission.slot is not None:
+                admission.slot = None
                 slot.give_back()
 
     async def _get_request(self, requests: _Requests) -> tuple[Any, Any]:
@@ -517,11 +687,12 @@ class Engine:
         """Start handling the request in its own task (``runner``, or the engine's own
         way: an async handler in the task, a sync one on a thread); returns at once."""
         requests = self._requests
-        if requests is None or requests.slot is None:
+        admission = _admission.get()
+        if requests is None or admission is None or admission.slot is None:
             raise RuntimeError(
                 "process_request() starts a request only when the serve loop calls it"
             )
-        slot, requests.slot = requests.slot, None
+        slot, admission.slot = admission.slot, None
         requests.nursery.start_soon(
             self._run_request, slot, request, client_address, runner or self._run_on_thread
         )
@@ -711,7 +882,8 @@ class Engine:
 
     # -- stopping --------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def shutdown(self, closing: bool = False) -> None:
+        """shutdown(); ``closing``: server_close() is about to close the listening socket."""
         with self._lock:
             run = self.run
             if run is None:
@@ -722,10 +894,10 @@ class Engine:
         except RuntimeError:
             on_trio_thread = False
         if on_trio_thread:
-            run.request_stop()
+            run.request_stop(closing)
             return
         try:
-            run.token.run_sync_soon(run.request_stop)
+            run.token.run_sync_soon(run.request_stop, closing)
         except trio.RunFinishedError:
             return
         # A thread that this very run started (a sync handler's, or an async handler's
@@ -738,17 +910,42 @@ class Engine:
         run = self.run
         return run is not None and run.stop_requested
 
+    async def wait_for_shutdown(self) -> None:
+        run = self.run
+        if run is None:
+            raise RuntimeError(
+                "wait_for_shutdown() waits for the shutdown of a running serve_forever(), "
+                "and the server is not serving"
+            )
+        await run.stopping.wait()
+
+    def exchange_for(self, request: Any) -> Exchange | None:
+        """The drain state for a stream handler's connection ``request`` (see _drain.py), or
+        None when no serve_forever() runs (the connection then never ends early)."""
+        run = self.run
+        if run is None:
+            return None
+        connection = _connection.get(None)
+        if connection is not None and connection.request is request:
+            io: Any = connection.io
+            if isinstance(io, trio.SSLStream):
+                io = io.transport_stream
+            return Exchange(run.drain, io.socket, threaded=False)
+        if isinstance(request, socket.socket):
+            return Exchange(run.drain, request, threaded=True)
+        return None
+
     def stop_serving(self) -> None:
         """server_close()'s first step: a running serve_forever() is shut down."""
         if self.run is not None:
-            self.shutdown()
+            self.shutdown(closing=True)
         self._closed = True
 
     async def astop_serving(self) -> None:
         """aclose()'s first step: shut a running serve_forever() down and wait for it."""
         run = self.run
         if run is not None:
-            self.shutdown()
+            self.shutdown(closing=True)
             await trio.to_thread.run_sync(run.finished.wait, abandon_on_cancel=True)
         self._closed = True
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
-from ._engine import call_hook, io_stream_for, is_async_handler
+from ._drain import BoundarySocketIO, Exchange
+from ._engine import call_hook, drain_exchange, io_stream_for, is_async_handler
+from ._proxy import ProxyHeader, current_proxy_header
 from ._socket_stream import SocketFastStream
 from ._streams import StreamReader, StreamWriter
 
@@ -28,16 +30,22 @@ class BaseRequestHandler:
     :meth:`setup` / :meth:`finish`).
 
     ``self.request``, ``self.client_address`` and ``self.server`` are set
-    before :meth:`setup`. :meth:`finish` runs even when :meth:`handle` raises
-    (Python 3 semantics). With ``async def handle``, ``setup`` and ``finish``
-    may be sync or async, and the server awaits :meth:`run`; with a sync
-    ``handle``, the constructor runs all three, as in the stdlib.
+    before :meth:`setup`, and so is ``self.proxy_header``: the
+    :class:`~trio_socketserver.ProxyHeader` a balancer sent on a server with
+    ``proxy_protocol`` set, else None. :meth:`finish` runs even when
+    :meth:`handle` raises (Python 3 semantics). With ``async def handle``,
+    ``setup`` and ``finish`` may be sync or async, and the server awaits
+    :meth:`run`; with a sync ``handle``, the constructor runs all three, as in
+    the stdlib.
     """
+
+    proxy_header: ProxyHeader | None
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
         self.request = request
         self.client_address = client_address
         self.server = server
+        self.proxy_header = current_proxy_header()
         if not is_async_handler(type(self)):
             self.setup()
             try:
@@ -124,8 +132,9 @@ class StreamRequestHandler(BaseRequestHandler):
         if is_async_handler(type(self)):
             self.__set_nodelay(_socket_of(self.request))
             io = io_stream_for(self.request)
-            self.rfile = StreamReader(io, self.rbufsize, self.timeout)
-            self.wfile = StreamWriter(io, self.wbufsize, self.timeout)
+            exchange = drain_exchange(self.server, self.request)
+            self.rfile = StreamReader(io, self.rbufsize, self.timeout, exchange)
+            self.wfile = StreamWriter(io, self.wbufsize, self.timeout, exchange)
             return _DONE
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
@@ -133,11 +142,12 @@ class StreamRequestHandler(BaseRequestHandler):
         # async path, it is skipped there, so one handler class serves both families).
         if self.disable_nagle_algorithm and self.connection.family in _TCP_FAMILIES:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        exchange = drain_exchange(self.server, self.connection)
+        self.rfile = _socket_file(self.connection, "rb", self.rbufsize, exchange)
         if self.wbufsize == 0:
-            self.wfile = _SocketWriter(self.connection)
+            self.wfile = _SocketWriter(self.connection, exchange)
         else:
-            self.wfile = self.connection.makefile("wb", self.wbufsize)
+            self.wfile = _socket_file(self.connection, "wb", self.wbufsize, exchange)
         return None
 
     def __set_nodelay(self, sock: trio.socket.SocketType | socket.socket | None) -> None:
@@ -202,16 +212,33 @@ class DatagramRequestHandler(BaseRequestHandler):
         return None
 
 
+def _socket_file(
+    sock: socket.socket, mode: Literal["rb", "wb"], bufsize: int, exchange: Exchange | None
+) -> Any:
+    """``sock.makefile(mode, bufsize)``, whose reads end at a message boundary when the
+    server drains (see _drain.py) if ``exchange`` is given."""
+    if exchange is None:
+        return sock.makefile(mode, bufsize)
+    raw = BoundarySocketIO(sock, mode, exchange)
+    if bufsize == 0:
+        return raw
+    size = io.DEFAULT_BUFFER_SIZE if bufsize < 0 else bufsize
+    return io.BufferedReader(raw, size) if mode == "rb" else io.BufferedWriter(raw, size)
+
+
 class _SocketWriter(io.BufferedIOBase):
     """An unbuffered write-only file on a socket, as the stdlib's wbufsize=0 gives."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, exchange: Exchange | None) -> None:
         self._sock = sock
+        self._exchange = exchange
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
+        if self._exchange is not None:
+            self._exchange.replied = True
         self._sock.sendall(b)
         with memoryview(b) as view:
             return view.nbytes

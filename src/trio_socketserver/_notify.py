@@ -25,8 +25,8 @@ def notification_address(environ: Mapping[str, str]) -> str | bytes | None:
 
     An absolute path, or ``@name`` for a Linux abstract socket (NUL + name, as systemd
     spells it). None when the variable is unset or empty, or names another kind of address
-    (``vsock:...``, which only a virtual machine's manager uses); the latter is logged once
-    per call as a warning, since the manager then waits for a READY=1 that never comes.
+    (``vsock:...``, which only a virtual machine's manager uses); the latter is logged as a
+    warning, since the manager then waits for a READY=1 that never comes.
     """
     value = environ.get("NOTIFY_SOCKET", "")
     if not value:

@@ -10,7 +10,7 @@ import math
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -20,6 +20,7 @@ from ._engine import Engine
 from ._engine import ServerStatistics as ServerStatistics
 from ._engine import call_hook as call_hook
 from ._engine import is_async_handler as is_async_handler
+from ._proxy_admission import DEFAULT_TRUSTED
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -61,16 +62,42 @@ class BaseServer:
     finish, well inside the 30 s (Kubernetes) or 90 s (systemd) a supervisor
     allows before killing a process that is stopping.
 
+    ``drain_delay``: seconds a graceful stop keeps accepting after :meth:`shutdown`, while
+    the server already reports that it is draining, so that a load balancer polling its
+    readiness moves traffic away before anything is refused. Default 0.
+
     ``max_connections``: how many requests with an async handler may run at
     once; when that many run, the server stops accepting and new clients wait
     in the kernel backlog (``request_queue_size``) instead of in memory.
     Default ``None``: bounded only by the process's file descriptors.
+
+    ``proxy_protocol`` (stream servers): ``"v1"``, ``"v2"`` or ``"auto"`` (either) to
+    take a PROXY protocol header, which a balancer such as HAProxy (``send-proxy``,
+    ``send-proxy-v2``) sends first on each connection to say whom it forwards. The header
+    is read in the connection's own task before :meth:`verify_request`; from then on
+    ``client_address`` is the original client's, and the handler finds the whole header
+    (destination, v2 TLVs) as ``self.proxy_header``. A connection without a valid header
+    is closed (one log line at INFO; ``statistics().proxy_rejected_requests``). Default
+    ``None``: no header is expected, and one sent is the client's data.
+
+    ``proxy_trusted``: the addresses and networks (``"10.0.0.0/8"``, ``"2001:db8::1"``)
+    that may send a header; a peer not in it is closed whatever it sends. Default
+    loopback, for a balancer on the same host. Peers on a Unix socket are always trusted:
+    who may connect there is the socket file's permissions (``socket_mode``).
+
+    ``proxy_header_timeout``: seconds a client has to send its whole header; default
+    5.0, far beyond what a balancer on the same network needs. A connection holds its place
+    under the capacity limit from the moment it is accepted, header included.
     """
 
     socket: socket.socket
     timeout: float | None = None
     shutdown_grace: float | None = 5.0
+    drain_delay: float = 0.0
     max_connections: int | None = None
+    proxy_protocol: str | None = None
+    proxy_trusted: Iterable[Any] = DEFAULT_TRUSTED
+    proxy_header_timeout: float = 5.0
     daemon_threads: bool = False
     block_on_close: bool = True
 
@@ -113,7 +140,15 @@ class BaseServer:
         await self.__engine.serve_forever(poll_interval, task_status)
 
     def shutdown(self) -> None:
-        """Stop :meth:`serve_forever`: stop accepting, drain, return.
+        """Stop :meth:`serve_forever` gracefully: drain, stop accepting, finish, return.
+
+        The stop sequence: :attr:`shutdown_requested` turns true and
+        :meth:`wait_for_shutdown` returns at once; the server keeps accepting for
+        ``drain_delay`` seconds; then it takes the connections already queued in the
+        kernel's backlog and stops accepting; in-flight requests get ``shutdown_grace``
+        seconds, during which a persistent connection whose handler waits for the peer's
+        next message gets end-of-file from its ``rfile`` (a connection's first request is
+        always served); then what still runs is cancelled.
 
         Idempotent. Without a running :meth:`serve_forever`, it makes the next
         one return at once (as the stdlib).
@@ -133,10 +168,29 @@ class BaseServer:
     def shutdown_requested(self) -> bool:
         """True once :meth:`shutdown` was called on the running server.
 
-        Handlers can poll it during ``shutdown_grace`` to finish early, e.g. to
-        close a keep-alive connection after the current request.
+        Handlers can poll it to finish early, e.g. to close a keep-alive connection
+        after the current request; :meth:`wait_for_shutdown` is the same to await.
         """
         return self.__engine.shutdown_requested
+
+    async def wait_for_shutdown(self) -> None:
+        """Return once :meth:`shutdown` was called on the running server (at once if it was).
+
+        For handlers that should act when the drain begins rather than poll: a chat
+        server telling its clients why it is about to close, a stream of events ending
+        at the next event boundary::
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.relay_events)
+                await self.server.wait_for_shutdown()
+                await self.wfile.write(b"server going away\\n")
+                nursery.cancel_scope.cancel()
+
+        Cancellation: a checkpoint; cancelling it has no other effect.
+
+        Errors: ``RuntimeError`` if :meth:`serve_forever` is not running.
+        """
+        await self.__engine.wait_for_shutdown()
 
     async def handle_request(self) -> None:
         """Wait for one request, handle it to completion, return.

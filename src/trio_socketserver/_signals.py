@@ -46,15 +46,18 @@ async def serve_until_signal(
     Logging (``logging.getLogger("trio_socketserver")``): one INFO line per server once it
     accepts (``serving Handler on tcp 127.0.0.1:8000 (Ctrl-C to stop)``), one when a signal
     arrives, and a stop report per server: requests finished, failed, cut short and refused,
-    and how long the stop took from the signal (``stopped serving on tcp 127.0.0.1:8000 in
-    1.20 s: requests finished: 10, failed: 0, cut short: 1, refused: 2``).
+    and how long the stop took from the start of its drain (``stopped serving on tcp
+    127.0.0.1:8000 in 1.20 s: requests finished: 10, failed: 0, cut short: 1, refused: 2``;
+    no duration after a hard stop that no drain preceded).
 
     Service manager (systemd's sd_notify protocol, when ``NOTIFY_SOCKET`` is set; nothing
     otherwise): ``READY=1`` with a ``STATUS=`` line (``serving Handler on tcp
-    127.0.0.1:8000``) once every server accepts; ``STOPPING=1`` with a ``STATUS=`` line when
-    the first signal starts the drain; ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2``
-    microseconds while it runs, when ``WATCHDOG_USEC`` asks for it (and ``WATCHDOG_PID``, if
-    set, is this process). A manager that cannot be reached is logged; serving goes on.
+    127.0.0.1:8000``) once every server accepts; ``STOPPING=1`` with a ``STATUS=`` line
+    (``shutting down (SIGTERM)``) as soon as a drain begins, while ``drain_delay`` still
+    accepts: on the first signal, or a ``shutdown()`` of any of the servers from
+    elsewhere; ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2`` microseconds while it runs, when
+    ``WATCHDOG_USEC`` asks for it (and ``WATCHDOG_PID``, if set, is this process). A manager
+    that cannot be reached is logged; serving goes on.
 
     Reports started (for ``await nursery.start(serve_until_signal, server)``) once every
     server accepts and the signals are caught.
@@ -72,10 +75,12 @@ async def serve_until_signal(
         raise ValueError("serve_until_signal() needs at least one server to serve")
     hard_stop = trio.CancelScope()
     forced_by: list[int] = []
-    # When the first signal came, and when each server's serve_forever() returned: what the
-    # stop report's "in 1.20 s" measures.
-    stop_began: list[float] = []
+    stopped_by: list[str] = []  # the signal that began the stop, if one did
+    # When each server's drain began and its serve_forever() returned: the stop report's
+    # "in 1.20 s".
+    drain_began: dict[int, float] = {}
     stopped_at: dict[int, float] = {}
+    stopping_announced = False
 
     async def watch_signals(signals: Any) -> None:
         first = True
@@ -83,7 +88,7 @@ async def serve_until_signal(
             name = signal.Signals(signum).name
             if first:
                 first = False
-                stop_began.append(trio.current_time())
+                stopped_by.append(name)
                 LOGGER.info(
                     "%s: shutting down; in-flight requests get %s (send it again to stop at once)",
                     name,
@@ -91,16 +96,30 @@ async def serve_until_signal(
                 )
                 for server in servers:
                     server.shutdown()
-                await notify("STOPPING=1", f"STATUS=shutting down ({name})")
             else:
                 LOGGER.warning("%s again: stopping at once", name)
                 forced_by.append(signum)
                 hard_stop.cancel()
                 return
 
+    async def announce_stopping() -> None:
+        nonlocal stopping_announced
+        if not stopping_announced:
+            stopping_announced = True
+            cause = f" ({stopped_by[0]})" if stopped_by else ""
+            await notify("STOPPING=1", f"STATUS=shutting down{cause}")
+
     async def serve(index: int, *, task_status: trio.TaskStatus[None]) -> None:
+        server = servers[index]
         try:
-            await servers[index].serve_forever(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_forever)
+                task_status.started()
+                # A run that has ended already (a shutdown() before it started) drained then.
+                if server.statistics().serving:
+                    await server.wait_for_shutdown()
+                drain_began[index] = trio.current_time()
+                await announce_stopping()
         finally:
             stopped_at[index] = trio.current_time()
 
@@ -126,14 +145,15 @@ async def serve_until_signal(
                         await watching.start(
                             _reporting.report_statistics, lambda: _figures(servers)
                         )
-                    if not stop_began:  # a signal during startup: STOPPING=1 went already
+                    if not stopping_announced:  # else a stop began during startup
                         await notify("READY=1", "STATUS=" + "; ".join(serving_what))
                     task_status.started()
             watching.cancel_scope.cancel()
     if _reporting.supervised():
         await _reporting.send_statistics(_figures(servers))  # the stop report's figures
     for index, server in enumerate(servers):
-        elapsed = stopped_at[index] - stop_began[0] if stop_began else None
+        began = drain_began.get(index)
+        elapsed = None if began is None else stopped_at[index] - began
         report_stop(describe_server(server), server.statistics(), elapsed)
     return forced_exit_status(forced_by[0]) if forced_by else 0
 
@@ -168,8 +188,9 @@ def report_stop(
 ) -> None:
     """Log what the stop of the server on ``where`` cost: requests that finished, failed
     (the handler raised), were cut short by the stop or refused, and the seconds from the
-    signal to the stop (``elapsed``; None when no signal stopped it); ``note`` is appended
-    (the supervisor of several workers says over how many it summed)."""
+    start of its drain to the end of its serve_forever() (``elapsed``; None after a hard
+    stop with no drain); ``note`` is appended (the supervisor of several workers says over
+    how many it summed)."""
     took = "" if elapsed is None else f" in {elapsed:.2f} s"
     LOGGER.info(
         "stopped serving on %s%s: requests finished: %d, failed: %d, cut short: %d, refused: %d%s",

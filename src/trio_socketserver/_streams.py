@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Iterable
 
 import trio
 
+from ._drain import Exchange
+
 # One receive_some per wakeup should fetch as much as the peer has sent: trio charges a fixed
 # cost per call (a checkpoint, a trip through the scheduler), so big receives amortise it over
 # many lines. The buffer only holds memory while data is actually unread, so a large value
@@ -47,6 +49,9 @@ class StreamReader:
       bufsize: The most bytes to ask for in one ``receive_some`` call. Zero or negative means
         :data:`DEFAULT_BUFFER_SIZE`, like the standard library's ``rbufsize = -1``.
       timeout: See :attr:`timeout`.
+      exchange: A server connection's drain state: when the server drains, a read that waits
+        for the peer's next message with nothing buffered returns end-of-file (see
+        :meth:`BaseServer.shutdown`). None (the default) for a stream that never ends early.
 
     Attributes:
       timeout (float | None): If not None, the longest time, in seconds, that any single wait
@@ -75,10 +80,12 @@ class StreamReader:
         stream: trio.abc.ReceiveStream,
         bufsize: int = DEFAULT_BUFFER_SIZE,
         timeout: float | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = bufsize if bufsize > 0 else DEFAULT_BUFFER_SIZE
         self.timeout = timeout
+        self._exchange = exchange
         # Unread data is self._buf[self._pos:]. Consumed bytes are only cut off the front just
         # before the buffer grows (or all at once when everything has been read), so consuming
         # many small lines from one big receive copies nothing but the lines themselves.
@@ -236,7 +243,14 @@ class StreamReader:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        data = await self._receive_some()
+        exchange = self._exchange
+        if exchange is None:
+            data = await self._receive_some()
+        elif exchange.at_boundary and not self._buf:
+            data = await self._receive_next_message(exchange)
+        else:
+            data = await self._receive_some()
+            exchange.received_data(data)
         if not data:
             self._eof = True
             return False
@@ -252,6 +266,22 @@ class StreamReader:
         if self.timeout is None:
             return self._stream.receive_some(self._bufsize)
         return self._receive_with_timeout(self.timeout)
+
+    async def _receive_next_message(self, exchange: Exchange) -> bytes | bytearray:
+        """A receive at a message boundary, which a drain ends with end-of-file."""
+        if not exchange.start_waiting():
+            await trio.lowlevel.checkpoint()
+            return b""
+        data: bytes | bytearray = b""
+        try:
+            data = await self._receive_some()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The drain ended the wait (see _drain.py); TLS reports it as a broken stream.
+            if not exchange.drain.closing:
+                raise
+        finally:
+            exchange.stop_waiting(data)
+        return data
 
     async def _receive_with_timeout(self, wait_timeout: float) -> bytes | bytearray:
         with trio.move_on_after(wait_timeout):
@@ -272,6 +302,8 @@ class StreamWriter:
         :data:`DEFAULT_BUFFER_SIZE`. Remember to :meth:`flush` a buffered writer before the
         connection is closed.
       timeout: See :attr:`timeout`.
+      exchange: The connection's drain state, shared with its :class:`StreamReader`: a write
+        tells the reader that the message it answered is complete.
 
     Attributes:
       timeout (float | None): If not None, the longest time, in seconds, that any single
@@ -296,10 +328,12 @@ class StreamWriter:
         stream: trio.abc.SendStream,
         bufsize: int = 0,
         timeout: float | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = DEFAULT_BUFFER_SIZE if bufsize < 0 else bufsize
         self.timeout = timeout
+        self._exchange = exchange
         self._buf = bytearray()
 
     @property
@@ -324,6 +358,8 @@ class StreamWriter:
             that long.
 
         """
+        if self._exchange is not None:
+            self._exchange.replied = True
         if not self._bufsize:
             await self._send(data)
         else:

@@ -13,7 +13,8 @@
 #                               start: forks this call's pool, returns max_children.
 #   Engine.start_request()      process_request() hands a sync request to the engine with
 #                               this mixin's runner (run it in a worker).
-#   Engine.blocking_sequence()  handed to the workers: the stdlib's sequence for one request.
+#   Engine.blocking_sequence()  handed to the workers: the stdlib's sequence for one request
+#                               (wrapped to make its PROXY header current there).
 #   Engine.end_request()        called: shutdown_request() for a request no worker took.
 #   call_hook()                 called: close_request(), which may be async.
 #   release_connection()        called: shut a cut request's connection down.
@@ -45,9 +46,10 @@ What still differs from a fork per request, and what stopping does, is in docs/f
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -55,6 +57,8 @@ import trio
 
 from .._engine import CapacitySlot, call_hook, is_async_handler, release_connection
 from .._families import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+from .._proxy import ProxyHeader, current_proxy_header
+from .._proxy import _current as _current_proxy_header
 from .._server import BaseServer, engine_of
 from . import _pool, _safety
 from ._pool import Pool, PoolError, Worker, describe_exit
@@ -148,7 +152,7 @@ class ForkingMixIn(_MixinBase):
         """Stop the previous pool (idle: its serving call ended) and fork a new one."""
         spec = WorkerSpec(
             self,
-            engine_of(self).blocking_sequence,
+            functools.partial(_with_proxy_header, engine_of(self).blocking_sequence),
             _fds("pass_fds", self.pass_fds),
             # A connection's request is its address; a datagram's, its bytes too.
             message_size=MESSAGE_OVERHEAD + getattr(self, "max_packet_size", 0),
@@ -199,7 +203,7 @@ class ForkingMixIn(_MixinBase):
         try:
             # None after collect_children(blocking=True) stopped the pool while serving.
             pool = state.pool or self.__replace_pool()
-            parcel = Parcel.wrap(request, client_address)
+            parcel = Parcel.wrap(request, client_address, current_proxy_header())
         except (RuntimeError, ValueError, OSError, TypeError, pickle.PicklingError) as exc:
             LOGGER.error("cannot hand the request from %r to a worker: %s", client_address, exc)
             await engine_of(self).end_request(request, client_address)
@@ -362,6 +366,21 @@ class ForkingMixIn(_MixinBase):
         for pool in state.stopping:
             pool.reap(_pool.FORK_SERVER_TIMEOUT)
         state.stopping.clear()
+
+
+def _with_proxy_header(
+    sequence: Callable[[list[Any], Any], bool],
+    connection: list[Any],
+    client_address: Any,
+    proxy_header: ProxyHeader | None,
+) -> bool:
+    """Run in a worker: the request's sequence, with its PROXY header as the handler's
+    (``self.proxy_header``), which no trio task's context carries here."""
+    token = _current_proxy_header.set(proxy_header)
+    try:
+        return sequence(connection, client_address)
+    finally:
+        _current_proxy_header.reset(token)
 
 
 def start_serving(server: ForkingMixIn) -> int:

@@ -13,8 +13,9 @@ Server process -> fork server (``SOCK_SEQPACKET``, one message each way per exch
 - ``("stop", kill)``, or EOF: stop every worker, reap them, exit (no answer)
 
 Server process -> worker: one request per message, ``(client_address, datagram bytes or
-None)`` pickled, with the connection as fd (or, for a datagram server, its socket, passed once
-per worker); before a request larger than the worker reads with, ``(size,)`` (a resize).
+None, PROXY protocol header or None)`` pickled, with the connection as fd (or, for a
+datagram server, its socket, passed once per worker); before a request larger than the
+worker reads with, ``(size,)`` (a resize).
 Worker -> server process: ``DONE`` once the request is over, ``SHUTDOWN`` when a
 handler called ``server.shutdown()``.
 """
@@ -61,23 +62,24 @@ class Parcel:
     """A request as it travels to a worker."""
 
     message: bytes
-    """The encoded (client address, datagram bytes or None for a connection)."""
+    """The encoded (client address, datagram bytes or None for a connection, the PROXY
+    protocol header or None)."""
     sock: socket.socket
     """The connection, or the datagram server's socket (passed once per worker)."""
     datagram: bool
 
     @classmethod
-    def wrap(cls, request: Any, client_address: Any) -> Parcel:
+    def wrap(cls, request: Any, client_address: Any, proxy_header: Any = None) -> Parcel:
         """Errors: ``TypeError`` (or a pickling error) for what cannot travel."""
         if isinstance(request, socket.socket):
-            return cls(encode(client_address, None), request, False)
+            return cls(encode(client_address, None, proxy_header), request, False)
         if (
             isinstance(request, tuple)
             and len(request) == 2
             and isinstance(request[0], bytes)
             and isinstance(request[1], socket.socket)
         ):
-            return cls(encode(client_address, request[0]), request[1], True)
+            return cls(encode(client_address, request[0], None), request[1], True)
         raise TypeError(
             f"a worker process can only take a socket or a (bytes, socket) datagram request, "
             f"not {type(request).__name__}; override get_request() to return one of these"

@@ -22,8 +22,9 @@ class WorkerSpec:
 
     server: Any
     """The server, as handlers see it (``self.server``)."""
-    handle: Callable[[list[Any], Any], object]
-    """Runs one request: ``handle([request], client_address)``, the stdlib's sequence."""
+    handle: Callable[[list[Any], Any, Any], object]
+    """Runs one request: ``handle([request], client_address, proxy_header)``, the stdlib's
+    sequence, with the request's PROXY protocol header (or None) as the handler's."""
     pass_fds: frozenset[int]
     """Inherited descriptors to keep open besides files and devices (``pass_fds``)."""
     message_size: int
@@ -80,14 +81,14 @@ def serve_requests(spec: WorkerSpec, sock: socket.socket, page: SharedPage, slot
             continue
         count += 1
         page.set_taken(slot, count)
-        client_address, data = fields
+        client_address, data, proxy_header = fields
         if data is None:
             request: Any = socket.socket(fileno=fds[0])
         else:
             if fds:
                 server_socket = spec.server.socket = socket.socket(fileno=fds[0])
             request = (data, server_socket)
-        spec.handle([request], client_address)
+        spec.handle([request], client_address, proxy_header)
         flush_stdio()
         try:
             sock.send(DONE)

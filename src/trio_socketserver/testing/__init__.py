@@ -6,6 +6,8 @@
 - :func:`run_handler`, :func:`open_handler`, :func:`run_datagram_handler`: run one handler
   with no server and no listening socket, and get its output and its error back.
 - :class:`StreamClient`, :func:`open_client`: a line/stream client for tests.
+- :func:`proxy_header`: the PROXY protocol header a balancer would send, for testing a
+  server with ``proxy_protocol`` set.
 
 Importing it needs no pytest. The pytest fixtures (``no_leaks``, ``serve``,
 ``serve_in_thread``) come from the plugin that installing the package registers under the
@@ -24,6 +26,7 @@ from ._harness import open_handler as open_handler
 from ._harness import run_datagram_handler as run_datagram_handler
 from ._harness import run_handler as run_handler
 from ._leaks import LeakError as LeakError
+from ._proxy_header import proxy_header as proxy_header
 from ._serving import serving as serving
 from ._serving import serving_in_thread as serving_in_thread
 
@@ -35,6 +38,7 @@ __all__ = [
     "StreamClient",
     "open_client",
     "open_handler",
+    "proxy_header",
     "run_datagram_handler",
     "run_handler",
     "serving",

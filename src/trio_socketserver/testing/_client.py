@@ -75,17 +75,27 @@ async def open_client(
     *,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    send_first: bytes = b"",
 ) -> StreamClient:
     """Connect a :class:`StreamClient` to a served stream server (TCP, IPv6 or Unix).
 
     With ``ssl_context`` the connection is TLS, checked against ``server_hostname``
-    (default: the server's host). Use it as ``async with await open_client(server) as c:``.
+    (default: the server's host). ``send_first`` is sent on the connection before anything
+    else, the TLS handshake included: what a balancer's :func:`proxy_header` does. Use it as
+    ``async with await open_client(server) as c:``.
     """
+    host = None
     if server.address_family == socket.AF_UNIX:
         stream: trio.abc.Stream = await trio.open_unix_socket(server.server_address)
     else:
         host, port = server.server_address[:2]
         stream = await trio.open_tcp_stream(host, port)
-        if ssl_context is not None:
-            stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
+    if send_first:
+        try:
+            await stream.send_all(send_first)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    if ssl_context is not None and host is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
     return StreamClient(stream)
