@@ -38,8 +38,9 @@ from ._metrics import WorkersHealthServer
 from ._supervisor import Supervisor
 
 STOP_MARGIN = 5.0
-"""Seconds a stopping worker gets beyond its own drain and grace before it is SIGKILLed:
-its drain is bounded by the worker itself; this only catches one that hangs anyway."""
+"""Seconds a stopping worker gets beyond its ``--drain-delay`` and ``--shutdown-grace``
+before it is SIGKILLed: the worker bounds its own stop; this only catches one that hangs
+anyway (a handler thread stuck outside socket I/O, say)."""
 
 
 def run_supervisor(options: argparse.Namespace) -> int:
@@ -75,9 +76,10 @@ def run_supervisor(options: argparse.Namespace) -> int:
                 command += ["--bind", _bind_text(sock)]
             command.append("--reuse-port")
             _mention_migration()
-        grace = (
-            BaseServer.shutdown_grace if options.shutdown_grace is None else options.shutdown_grace
-        )
+        grace = options.shutdown_grace
+        if grace is None:
+            grace = BaseServer.shutdown_grace
+        stop_timeout = None if grace is None else options.drain_delay + grace + STOP_MARGIN
         supervisor = Supervisor(
             command=command,
             workers=options.workers,
@@ -85,7 +87,7 @@ def run_supervisor(options: argparse.Namespace) -> int:
             names=names,
             what=options.handler or (DatagramEchoHandler if options.udp else EchoHandler).__name__,
             addresses=[_describe(options, sock) for sock in sockets],
-            stop_timeout=None if grace is None else grace + STOP_MARGIN,
+            stop_timeout=stop_timeout,
         )
         health = None
         if options.health_bind is not None:
