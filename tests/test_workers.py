@@ -374,6 +374,41 @@ def test_the_supervisor_takes_sockets_from_its_service_manager(handler_dir: Path
     assert process.stderr.count("socket 'web' from the service manager: tcp ") == 2
 
 
+def test_the_proxy_protocol_reaches_every_worker(supervise: Start, handler_dir: Path) -> None:
+    (handler_dir / "peer.py").write_text(
+        "import trio_socketserver\n"
+        "class Peer(trio_socketserver.StreamRequestHandler):\n"
+        "    async def handle(self):\n"
+        "        await self.wfile.write(self.client_address[0].encode() + b'\\n')\n"
+    )
+    supervised = supervise("--handler", "peer:Peer", "--proxy-protocol", "v1")
+    for i in range(4):
+        with socket.create_connection(supervised.address, timeout=TIMEOUT) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.%d 127.0.0.1 5555 80\r\n" % i)
+            assert read_until(client, b"\n") == b"203.0.113.%d\n" % i
+    assert stop(supervised) == 0
+
+
+def test_a_stop_drains_the_workers_as_one_server_drains(supervise: Start) -> None:
+    # DESIGN's stop sequence, across the processes: the supervisor's /ready turns 503 at
+    # once, while every worker keeps accepting for --drain-delay.
+    supervised = supervise(
+        "--handler", "pid_handler:Pid", "--drain-delay", "30", "--health-bind", "127.0.0.1:0"
+    )
+    health = ip_address(
+        supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
+    )
+    supervised.process.send_signal(signal.SIGTERM)
+    supervised.process.wait_for_line(r"SIGTERM: stopping; every worker drains", stream="stderr")
+    status, body = get(health, "/ready")
+    assert (status, body) == (503, "not ready: the supervisor is stopping\n")
+    for _ in range(4):
+        assert ask(supervised.address)[0] in supervised.pids
+    # A second signal ends the delay: the workers stop at once.
+    assert stop(supervised) == 128 + signal.SIGTERM
+    assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
+
+
 # -- --reuse-port -------------------------------------------------------------------------
 
 
