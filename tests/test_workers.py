@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import re
 import signal
@@ -19,14 +20,17 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 import trustme
 
 from conftest import wait_for_exit
 from serving_process import ServerProcess, activated, ip_address, read_until
 from trio_socketserver._cli import UsageError, endpoints_of, parse_options, worker_arguments
 from trio_socketserver._engine import ServerStatistics
+from trio_socketserver._workers._command import MIGRATE_SETTING, STOP_MARGIN, stop_timeout
 from trio_socketserver._workers._factory import name_factory
 from trio_socketserver._workers._policy import BACKOFF, CRASH_LOOP, STABLE_AFTER, CrashPolicy
+from trio_socketserver._workers._supervisor import Supervisor
 from trio_socketserver._workers._wire import (
     ServerFigures,
     decode_statistics,
@@ -130,6 +134,8 @@ def test_distinct_workers_serve(supervise: Start) -> None:
     assert echo == b"two\n"
     assert {pid_one, pid_two} == supervised.pids
     assert supervised.process.proc.pid not in supervised.pids  # the supervisor serves nothing
+    # Each worker in a session of its own: a terminal's Ctrl-C reaches the supervisor only.
+    assert len({os.getsid(pid) for pid in [supervised.process.proc.pid, *supervised.pids]}) == 3
     # One stderr for all: every line says whose it is.
     for pid in [supervised.process.proc.pid, *supervised.pids]:
         assert f" trio_socketserver[{pid}]: serving " in supervised.process.stderr
@@ -414,6 +420,11 @@ def test_a_stop_drains_the_workers_as_one_server_drains(supervise: Start) -> Non
 
 def test_with_reuse_port_each_worker_binds_its_own_socket(supervise: Start) -> None:
     supervised = supervise("--handler", "pid_handler:Pid", "--reuse-port")
+    # The log says what a reload costs here, unless the kernel migrates queued connections.
+    setting = Path(MIGRATE_SETTING)
+    if setting.exists():
+        mentioned = "sysctl net.ipv4.tcp_migrate_req=1 hands it to" in supervised.process.stderr
+        assert mentioned == (setting.read_text().strip() == "0")
     # The kernel spreads connections by a hash of their addresses: 20 connections from
     # fresh ports all going to one of two workers has odds of one in half a million.
     assert {ask(supervised.address)[0] for _ in range(20)} == supervised.pids
@@ -427,17 +438,61 @@ def test_with_reuse_port_each_worker_binds_its_own_socket(supervise: Start) -> N
 # -- what the supervisor tells -------------------------------------------------------------
 
 
-def test_the_health_endpoint_answers_for_all_the_workers(
-    supervise: Start, handler_dir: Path
-) -> None:
-    # A replacement worker waits at import for the test to open the gate (a FIFO), so
-    # /ready can be asked while it is certainly not ready.
-    (handler_dir / "gated.py").write_text(
-        "import os\n"
-        "if os.path.exists('hold'):\n"
-        "    open('gate').read()\n"
-        "from pid_handler import Pid\n"
-    )
+# Workers started while the file `hold` exists wait at import until the test lets them go
+# (see Gate), so the test can ask the supervisor while they certainly are not ready.
+GATED_HANDLER = """\
+import os
+import socket
+
+if os.path.exists("hold"):
+    with socket.socket(socket.AF_UNIX) as gate:
+        gate.connect("gate.sock")
+        gate.recv(1)
+
+from pid_handler import Pid
+"""
+
+
+@attrs.define
+class Gate:
+    """Holds back the gated handler's workers at import."""
+
+    directory: Path
+    listener: socket.socket = attrs.field(init=False)
+    waiting: list[socket.socket] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(self.directory / "gate.sock"))
+        self.listener.listen()
+        self.listener.settimeout(TIMEOUT)
+
+    def hold(self) -> None:
+        (self.directory / "hold").touch()
+
+    def wait_for(self, workers: int) -> None:
+        """Until ``workers`` workers wait at the gate."""
+        while len(self.waiting) < workers:
+            self.waiting.append(self.listener.accept()[0])
+
+    def release(self) -> None:
+        (self.directory / "hold").unlink()
+        for worker in self.waiting:
+            worker.close()  # its recv() returns: it goes on importing
+        self.waiting.clear()
+
+
+@pytest.fixture
+def gate(handler_dir: Path) -> Iterator[Gate]:
+    (handler_dir / "gated.py").write_text(GATED_HANDLER)
+    gate = Gate(handler_dir)
+    yield gate
+    for worker in gate.waiting:
+        worker.close()
+    gate.listener.close()
+
+
+def test_the_health_endpoint_answers_for_all_the_workers(supervise: Start, gate: Gate) -> None:
     supervised = supervise("--handler", "gated:Pid", "--health-bind", "127.0.0.1:0")
     health = ip_address(
         supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
@@ -447,31 +502,39 @@ def test_the_health_endpoint_answers_for_all_the_workers(
     assert status == 200
     for pid in supervised.pids:
         assert re.search(
-            rf'^trio_socketserver_accepted_total{{server="tcp [^"]+",worker="{pid}"}} ',
+            rf'^trio_socketserver_accepted_total{{server="tcp [^"]+",worker="{pid}"}} 0$',
             metrics,
             re.M,
         )
     assert re.search(
-        r'^trio_socketserver_finished_total\{server="tcp [^"]+",worker="all"\} ', metrics, re.M
+        r'^trio_socketserver_finished_total\{server="tcp [^"]+",worker="all"\} 0$', metrics, re.M
     )
     assert 'trio_socketserver_workers{state="ready"} 2' in metrics
     assert "trio_socketserver_worker_crashes_total 0" in metrics
 
-    (handler_dir / "hold").touch()
-    os.mkfifo(handler_dir / "gate")
+    # A worker dies: not ready until its replacement is.
+    gate.hold()
     victim = min(supervised.pids)
     os.kill(victim, signal.SIGKILL)
-    with writer_of(handler_dir / "gate"):  # once the replacement waits at the gate
-        (handler_dir / "hold").unlink()
-        status, body = get(health, "/ready")
-        replacement = supervised.process.wait_for_line(
-            rf"worker (\d+) started in place of {victim}", stream="stderr"
-        )[1]
-        assert (status, body) == (503, f"not ready: worker {replacement} is starting\n")
-    # The gate closed: the replacement's read sees EOF and it starts serving.
+    gate.wait_for(1)
+    replacement = supervised.process.wait_for_line(
+        rf"worker (\d+) started in place of {victim}", stream="stderr"
+    )[1]
+    assert get(health, "/ready") == (503, f"not ready: worker {replacement} is starting\n")
+    gate.release()
     supervised.process.wait_for_line(r"is ready \(it replaces one that died\)", stream="stderr")
     assert get(health, "/ready") == (200, "ready\n")
     assert "trio_socketserver_worker_crashes_total 1" in get(health, "/metrics")[1]
+
+    # A reload: ready all along, the old generation serving until the new one is.
+    gate.hold()
+    supervised.process.send_signal(signal.SIGHUP)
+    gate.wait_for(2)
+    assert get(health, "/ready") == (200, "ready\n")
+    assert 'trio_socketserver_workers{state="starting"} 2' in get(health, "/metrics")[1]
+    gate.release()
+    supervised.ready_pids(2)
+    assert get(health, "/ready") == (200, "ready\n")
     assert stop(supervised) == 0
 
 
@@ -536,24 +599,6 @@ def test_serve_workers_runs_a_program_s_own_factory(handler_dir: Path) -> None:
     assert wait_for_exit(pids, GONE_WITHIN) == set()
 
 
-@contextlib.contextmanager
-def writer_of(fifo: Path) -> Iterator[None]:
-    """Hold ``fifo`` open for writing, from the moment a reader opened it."""
-    opened: list[int] = []
-    opening = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)))
-    opening.start()
-    opening.join(TIMEOUT)
-    if not opened:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # releases the thread
-        opening.join()
-        os.close(opened[0])
-        pytest.fail(f"nobody opened {fifo} for reading in {TIMEOUT} s")
-    try:
-        yield
-    finally:
-        os.close(opened[0])
-
-
 def get(address: tuple[str, int], path: str) -> tuple[int, str]:
     connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
     try:
@@ -562,6 +607,108 @@ def get(address: tuple[str, int], path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
     finally:
         connection.close()
+
+
+def test_a_sighup_during_a_reload_is_not_lost(supervise: Start, gate: Gate) -> None:
+    supervised = supervise("--handler", "gated:Pid")
+    gate.hold()
+    supervised.process.send_signal(signal.SIGHUP)
+    gate.wait_for(2)  # generation 2 is starting
+    supervised.process.send_signal(signal.SIGHUP)
+    supervised.process.wait_for_line(
+        r"SIGHUP: a reload follows once the new workers are ready", stream="stderr"
+    )
+    gate.release()
+    second = supervised.ready_pids(2)
+    third = supervised.ready_pids(3)
+    assert wait_for_exit(supervised.pids | second, TIMEOUT) == set()
+    assert ask(supervised.address)[0] in third
+    assert stop(supervised) == 0
+
+
+# -- the supervisor in this process: its timeouts ----------------------------------------
+
+
+@contextlib.contextmanager
+def logged(text: str) -> Iterator[trio.Event]:
+    """An event set when the project's logger logs a message containing ``text``."""
+    seen = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+
+    watch = Watch()
+    logger = logging.getLogger("trio_socketserver")
+    logger.addHandler(watch)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(watch)
+
+
+def in_process_supervisor(
+    handler_dir: Path, module: str, source: str, sock: socket.socket, **settings: float
+) -> Supervisor:
+    """A supervisor of one command-line worker serving ``module:H`` on ``sock``."""
+    (handler_dir / f"{module}.py").write_text(source)
+    return Supervisor(
+        command=["cli", "--handler", f"{module}:H", "--shutdown-grace", "0"],
+        workers=1,
+        sockets=[sock],
+        names=None,
+        what=f"{module}:H",
+        addresses=["tcp"],
+        **settings,
+    )
+
+
+async def test_a_worker_that_never_gets_ready_is_killed(
+    handler_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(handler_dir)  # the worker's current directory, where its handler is
+    source = "import time\ntime.sleep(60)\n"
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        supervisor = in_process_supervisor(handler_dir, "never", source, sock, ready_timeout=0.5)
+        with trio.fail_after(TIMEOUT), logged("killed by SIGKILL") as replaced:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(supervisor.run)
+                await replaced.wait()
+                nursery.cancel_scope.cancel()  # a hard stop: its replacement is killed too
+    assert "sent no READY=1 within 0.5 s" in caplog.text
+    assert "killed by SIGKILL" in caplog.text
+    assert supervisor.live_workers() == []
+    assert wait_for_exit({w.pid for w in supervisor.exited_workers()}, GONE_WITHIN) == set()
+
+
+async def test_a_worker_whose_stop_hangs_is_killed(
+    handler_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(handler_dir)
+    # A thread nobody stops keeps the interpreter from exiting once the servers stopped.
+    source = (
+        "import threading, time, trio_socketserver\n"
+        "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+        "class H(trio_socketserver.StreamRequestHandler):\n"
+        "    async def handle(self):\n"
+        "        pass\n"
+    )
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        supervisor = in_process_supervisor(handler_dir, "hangs", source, sock, stop_timeout=0.5)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                status = []
+
+                async def supervise(task_status: trio.TaskStatus[None]) -> None:
+                    status.append(await supervisor.run(task_status))
+
+                await nursery.start(supervise)  # returns once the worker is ready
+                supervisor.stop()
+    assert status == [0]
+    assert "still running 0.5 s after SIGTERM; killing it" in caplog.text
+    [worker] = supervisor.exited_workers()
+    assert worker.popen.returncode == -signal.SIGKILL
 
 
 # -- the client load ---------------------------------------------------------------------
@@ -756,6 +903,13 @@ def test_workers_get_every_option_but_the_supervisors() -> None:
         "workers": None,
         "bind": [],
     }
+
+
+def test_a_stopping_worker_gets_its_drain_and_grace_before_it_is_killed() -> None:
+    assert stop_timeout(parse_options([])) == 0 + 5.0 + STOP_MARGIN  # the default grace: 5 s
+    options = parse_options(["--drain-delay", "2", "--shutdown-grace", "3"])
+    assert stop_timeout(options) == 2 + 3 + STOP_MARGIN
+    assert stop_timeout(parse_options(["--shutdown-grace", "inf"])) is None
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from ._families import (
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
 from ._signals import describe_address
+from ._workers._policy import CRASH_LOOP, STABLE_AFTER
 
 PROG = "trio-socketserver"
 """The program's name as the console script; ``python -m trio_socketserver`` names itself so."""
@@ -81,15 +82,27 @@ when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
 LISTEN_FDS set) it serves the sockets passed from descriptor 3 on instead of
 binding; --bind and --unix cannot be given then.
 
-Logging: to stderr, one line per event. --access-log adds one line per
+Workers: --workers N starts a supervisor that binds (or inherits) the
+sockets once and keeps N worker processes serving them, each a fresh
+interpreter running this command line. A worker that dies is replaced (pid and
+cause logged); {CRASH_LOOP} in a row in one slot dying within {STABLE_AFTER:g} s of their start is
+a crash loop: the supervisor stops and exits 1. SIGHUP reloads: new workers
+import the handler afresh and the old ones drain once every new one is ready;
+if one cannot start, the old ones keep serving. SIGTERM/SIGINT drains them all
+and logs the sum of their stop reports. --health-bind answers for all of them.
+No worker outlives the supervisor, however it ends.
+
+Logging: to stderr, one line per event (with --workers, each names its
+process: trio_socketserver[PID]). --access-log adds one line per
 connection (logger trio_socketserver.access, INFO); --log-level DEBUG shows it
 too, and the traceback behind a handler module that fails to import.
 
 Exit status:
   {EXIT_OK}        stopped gracefully after a signal
-  {EXIT_FAILURE}        failed while serving (the error is logged)
+  {EXIT_FAILURE}        failed while serving (the error is logged); with --workers, also a
+           crash loop
   {EXIT_USAGE}        could not start: bad option, handler, address, address in use,
-           TLS files
+           TLS files (with --workers: the first workers could not start)
   130/143  stopped at once by a second signal (128 + its number: SIGINT, SIGTERM)
 
 Examples:
@@ -100,6 +113,8 @@ Examples:
   {prog} --udp --bind 127.0.0.1:9999
       datagram echo
   {prog} --handler app:Handler --threading --max-connections 64
+  {prog} --handler app:Handler --workers 4 --health-bind 127.0.0.1:9000
+      four worker processes; kill -HUP the supervisor to reload app
 """
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -76,10 +77,6 @@ def run_supervisor(options: argparse.Namespace) -> int:
                 command += ["--bind", _bind_text(sock)]
             command.append("--reuse-port")
             _mention_migration()
-        grace = options.shutdown_grace
-        if grace is None:
-            grace = BaseServer.shutdown_grace
-        stop_timeout = None if grace is None else options.drain_delay + grace + STOP_MARGIN
         supervisor = Supervisor(
             command=command,
             workers=options.workers,
@@ -87,7 +84,7 @@ def run_supervisor(options: argparse.Namespace) -> int:
             names=names,
             what=options.handler or (DatagramEchoHandler if options.udp else EchoHandler).__name__,
             addresses=[_describe(options, sock) for sock in sockets],
-            stop_timeout=stop_timeout,
+            stop_timeout=stop_timeout(options),
         )
         health = None
         if options.health_bind is not None:
@@ -97,6 +94,17 @@ def run_supervisor(options: argparse.Namespace) -> int:
                 raise cannot_listen(options.health_bind, exc, option="--health-bind") from None
             closing.callback(health.server_close)
         return trio.run(serve_with_health, health, supervisor.run)
+
+
+def stop_timeout(options: argparse.Namespace) -> float | None:
+    """How long a stopping worker may take before it is killed: its own bounds and
+    ``STOP_MARGIN``; None (as long as it takes) with an unbounded ``--shutdown-grace``."""
+    grace = options.shutdown_grace
+    if grace is None:
+        grace = BaseServer.shutdown_grace
+    if grace is None or math.isinf(grace):
+        return None
+    return float(options.drain_delay + grace + STOP_MARGIN)
 
 
 # Linux 5.14+: when a listening socket closes, the connections queued on it move to another

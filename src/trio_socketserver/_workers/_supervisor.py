@@ -382,6 +382,12 @@ class Supervisor:
 
     # -- stopping -----------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Stop as the first SIGTERM does: every worker drains, and run() returns 0 once all
+        have exited. On the trio thread of run(); idempotent."""
+        if self._phase != "stopping":
+            self._stop(EXIT_OK)
+
     def _stop(self, status: int) -> None:
         self._phase = "stopping"
         self._stop_began = trio.current_time()
