@@ -72,7 +72,6 @@ class WorkerProcess:
     status: str = ""
     """Its last ``STATUS=`` line."""
     became_ready: trio.Event = attrs.Factory(trio.Event)
-    exited: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def pid(self) -> int:
