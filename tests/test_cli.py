@@ -176,6 +176,16 @@ def test_shutdown_grace_may_be_infinite() -> None:
     assert config_from("--shutdown-grace", "inf").shutdown_grace == math.inf
 
 
+def test_request_deadline_reaches_every_server_class() -> None:
+    assert config_from().request_deadline is None
+    config = config_from("--request-deadline", "2.5", "--udp", "--threading")
+    cls = server_class(config, Endpoint(V4, ("127.0.0.1", 0)))
+    assert issubclass(cls, trio_socketserver.ThreadingUDPServer)
+    assert cls.request_deadline == 2.5
+    default = server_class(config_from(), Endpoint(V4, ("127.0.0.1", 0)))
+    assert default.request_deadline is None
+
+
 # -- one-line errors (in-process: nothing is served) --------------------------
 
 
@@ -213,6 +223,7 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--max-connections", "0"], "expected a whole number >= 1"),
         (["--shutdown-grace", "-1"], "expected seconds >= 0"),
         (["--shutdown-grace", "nan"], "expected seconds >= 0"),
+        (["--request-deadline", "-1"], "expected seconds >= 0"),
         (["--drain-delay", "-1"], "expected seconds >= 0"),
         (["--log-level", "loud"], "invalid choice"),
         (["--tls-cert", "missing.pem"], "certificate file missing: missing.pem (--tls-cert)"),
@@ -328,6 +339,33 @@ def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     assert float(report[1]) >= grace  # the stop took the grace, counted from the signal
 
 
+@pytest.mark.usefixtures("no_leaks")
+def test_request_deadline_cuts_a_connection_logs_and_reports_it() -> None:
+    deadline = 0.5
+    with ServerProcess(
+        *CLI, "--bind", "127.0.0.1:0", "--request-deadline", str(deadline)
+    ) as server:
+        with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
+            connected = time.monotonic()
+            peer = client.getsockname()
+            try:
+                assert client.recv(100) == b""  # a silent client, far inside the timeout
+            except ConnectionResetError:
+                pass  # a cut connection may also be reset: either way, it ended
+            assert time.monotonic() - connected >= deadline
+        server.wait_for_line(
+            re.escape(
+                f"request from {peer!r} cut short: it ran longer than request_deadline "
+                f"({deadline} s)"
+            ),
+            stream="stderr",
+        )
+        echo(server.address(), b"still serving\n")
+        server.send_signal(signal.SIGINT)
+        assert server.wait() == 0
+    assert "requests finished: 1, failed: 0, cut short: 1" in server.stderr
+
+
 @pytest.mark.parametrize(("second", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.usefixtures("no_leaks")
 def test_second_signal_stops_at_once(second: int, status: int) -> None:
@@ -338,6 +376,8 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
     ):
         client.sendall(b"x\n")
         assert read_until(client, b"\n") == b"x\n"
+        # Mid-line: the drain waits for this request (between two lines it would end it).
+        client.sendall(b"half a li")
         server.send_signal(signal.SIGINT)
         server.wait_for_line("SIGINT: shutting down", stream="stderr")
         server.send_signal(second)

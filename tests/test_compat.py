@@ -456,6 +456,70 @@ def _accept_queue_length(port: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def chat_until_cut(server: Any, limit: float = WAIT) -> float:
+    """A chatty, well-formed client: line after line, each answered, until the server ends
+    the connection; returns how long that took."""
+    start = time.monotonic()
+    with client(server) as sock, sock.makefile("rb") as reader:
+        for i in range(1_000_000):
+            assert time.monotonic() - start < limit, "never cut"
+            try:
+                sock.sendall(b"%d\n" % i)
+                line = reader.readline()
+            except ConnectionError:  # reset, or a broken pipe: cut either way
+                break
+            if not line:
+                break
+            assert line == b"%d\n" % i
+    return time.monotonic() - start
+
+
+def test_request_deadline_cuts_a_chatty_client_and_the_server_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
+
+    class Server(compat.ThreadingTCPServer):
+        request_deadline = 1.0
+
+    with Server(LOCALHOST, Echo) as server, serving(server):
+        elapsed = chat_until_cut(server)
+        assert echo_once(server) == b"ping\n"
+    # No sooner than the deadline; a loaded machine may take longer to get there.
+    assert 1.0 <= elapsed < 1.0 + WAIT - 1
+    stats = server.statistics()
+    assert (stats.cancelled_requests, stats.finished_requests) == (1, 1)
+    [record] = [r for r in caplog.records if "request_deadline" in r.getMessage()]
+    assert record.getMessage().endswith("cut short: it ran longer than request_deadline (1.0 s)")
+
+
+def test_request_deadline_in_handle_request_on_the_calling_thread() -> None:
+    with compat.TCPServer(LOCALHOST, Echo) as server:
+        server.request_deadline = 0.5
+        chatting = threading.Thread(target=chat_until_cut, args=(server,), name="test client")
+        chatting.start()
+        try:
+            elapsed = elapsed_call(server.handle_request)
+        finally:
+            chatting.join(WAIT)
+    assert 0.5 <= elapsed < WAIT
+    assert server.statistics().cancelled_requests == 1
+
+
+@pytest.mark.parametrize("name", ["read_deadline", "write_deadline"])
+def test_a_sync_handler_with_a_read_or_write_deadline_is_refused(name: str) -> None:
+    class Sync(compat.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    setattr(Sync, name, 5.0)
+    with (
+        compat.TCPServer(LOCALHOST, Sync) as server,
+        pytest.raises(ValueError, match=rf"^Sync\.{name} is set"),
+    ):
+        server.handle_request()
+
+
 def test_a_full_threading_server_stops_accepting() -> None:
     release = threading.Event()
     started = threading.Semaphore(0)

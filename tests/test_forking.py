@@ -697,6 +697,25 @@ async def test_grace_expiry_shuts_the_connection_and_keeps_the_worker() -> None:
             await stream.aclose()
 
 
+async def test_request_deadline_shuts_the_connection_and_keeps_the_worker() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        server = Tracked(("127.0.0.1", 0), Commands)
+        server.request_deadline = 0.5
+        async with serving(server):
+            start = trio.current_time()
+            async with await connect(server) as stream:
+                await stream.send_all(b"hold\n")
+                worker = pid_of(await receive_line(stream))
+                # The handler waits for a second line that never comes: cut at the deadline.
+                assert await receive_all(stream) == b""
+            assert trio.current_time() - start >= 0.5
+            await server.wait_finished(1)  # its worker returned and is idle again
+            async with await connect(server) as stream:
+                await stream.send_all(b"again\n")
+                assert pid_of(await receive_line(stream)) == worker  # back in the pool
+    assert server.statistics().cancelled_requests == 1
+
+
 async def test_stuck_worker_is_terminated_after_the_release_timeout(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

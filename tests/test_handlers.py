@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
 import socket
@@ -17,6 +18,7 @@ import trio.testing
 
 import trio_socketserver as ts
 from conftest import connect, receive_all, receive_line, serving
+from trio_socketserver.testing import open_handler
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -271,6 +273,150 @@ async def test_handler_timeout_bounds_a_client_that_stops_reading(
     # The last send waited 2 s for a peer that did not read, then the handler ended.
     assert stuck_at[0] - start == pytest.approx(2.0)
     assert "TimeoutError" in caplog.text
+
+
+# -- read_deadline / write_deadline ----------------------------------------------------------
+
+
+async def test_read_deadline_bounds_a_trickled_line_and_the_handler_may_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Commands(ts.StreamRequestHandler):
+        timeout = 2.0  # a silent client: 2 s
+        read_deadline = 5.0  # one command line: 5 s in all
+
+        async def handle(self) -> None:
+            try:
+                while line := await self.rfile.readline(1024):
+                    await self.wfile.write(b"ok " + line)
+            except TimeoutError:
+                await self.wfile.write(b"too slow\n")
+                raise
+
+    async with open_handler(Commands) as client:
+        await client.send_all(b"fast\n")
+        assert await client.receive_line() == b"ok fast\n"
+        start = trio.current_time()
+        for byte in b"slo":  # 1.5 s apart: inside the timeout every time
+            await trio.sleep(1.5)
+            await client.send_all(bytes([byte]))
+        assert await client.receive_line() == b"too slow\n"
+        assert trio.current_time() - start == pytest.approx(5)
+        assert await client.receive_all() == b""
+    assert isinstance(client.error, TimeoutError)
+    assert str(client.error) == "read took longer than its deadline of 5.0 s"
+
+
+async def test_read_deadline_cuts_a_trickling_client_while_another_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
+
+    class Echo(ts.StreamRequestHandler):
+        read_deadline = 1.0
+
+        async def handle(self) -> None:
+            async for line in self.rfile:
+                await self.wfile.write(line)
+
+    async def trickle(stream: trio.SocketStream, until: trio.Event) -> None:
+        # A byte every 0.1 s and never a newline: each wait is short, the line endless.
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(100):
+                if until.is_set():
+                    return
+                await stream.send_all(b"x")
+                await trio.sleep(0.1)
+
+    async def chat(stream: trio.SocketStream, until: trio.Event) -> None:
+        for i in range(100_000):
+            if until.is_set():
+                return
+            await stream.send_all(b"%d\n" % i)
+            assert await receive_line(stream) == b"%d\n" % i
+            served.append(i)
+
+    served: list[int] = []
+    cut = trio.Event()
+    with trio.fail_after(10):
+        async with (
+            serving(ts.TCPServer(LOCALHOST, Echo)) as server,
+            await connect(server) as normal,
+        ):
+            start = trio.current_time()
+            async with await connect(server) as trickler, trio.open_nursery() as nursery:
+                nursery.start_soon(trickle, trickler, cut)
+                nursery.start_soon(chat, normal, cut)
+                assert await receive_all(trickler) == b""  # the server hung up on it
+                elapsed = trio.current_time() - start
+                cut.set()
+            await normal.send_all(b"still here\n")
+            assert await receive_line(normal) == b"still here\n"
+    # Cut no sooner than the deadline (a loaded machine may take longer).
+    assert Echo.read_deadline <= elapsed < Echo.read_deadline + 4
+    assert served  # the normal client was answered while the trickler was held
+    stats = server.statistics()
+    assert (stats.failed_requests, stats.finished_requests) == (1, 1)
+    [record] = [r for r in caplog.records if "deadline" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.exc_info is None  # a peer error: no traceback
+    assert "read took longer than its deadline of 1.0 s" in record.getMessage()
+
+
+async def test_write_deadline_cuts_a_client_reading_a_large_reply_slowly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_socketserver")
+    reply_size = 32 * 2**20
+    # Small kernel buffers on both ends, so the client's pace reaches the write at once.
+    buffer_size = 16384
+    write_time: list[float] = []
+    gave_up = trio.Event()
+
+    class Download(ts.StreamRequestHandler):
+        write_deadline = 1.0
+
+        async def handle(self) -> None:
+            self.request.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+            await self.rfile.readline()
+            start = trio.current_time()
+            try:
+                await self.wfile.write(b"x" * reply_size)
+            finally:
+                write_time.append(trio.current_time() - start)
+                gave_up.set()
+
+    received = 0
+    with trio.fail_after(10):
+        async with serving(ts.TCPServer(LOCALHOST, Download)) as server:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+            await sock.connect(server.server_address)
+            async with trio.SocketStream(sock) as client:
+                await client.send_all(b"GET\n")
+                # 50 KiB/s, for as long as the server keeps trying.
+                while not gave_up.is_set():
+                    received += len(await client.receive_some(5 * 1024))
+                    await trio.sleep(0.1)
+    assert Download.write_deadline <= write_time[0] < Download.write_deadline + 4
+    assert 0 < received < 2**20  # a sliver of the 32 MiB
+    assert server.statistics().failed_requests == 1
+    [record] = [r for r in caplog.records if "deadline" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert "write took longer than its deadline of 1.0 s" in record.getMessage()
+
+
+@pytest.mark.parametrize("name", ["read_deadline", "write_deadline"])
+async def test_a_sync_handler_with_a_read_or_write_deadline_is_refused(name: str) -> None:
+    class Sync(ts.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(self.rfile.readline())
+
+    setattr(Sync, name, 5.0)
+    async with ts.TCPServer(LOCALHOST, Sync) as server:
+        with pytest.raises(
+            ValueError, match=rf"^Sync\.{name} is set, but its handle\(\) is a plain def"
+        ):
+            await server.serve_forever()
 
 
 @pytest.mark.parametrize("disable", [False, True])

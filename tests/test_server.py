@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
 import struct
@@ -765,6 +766,73 @@ async def test_async_verify_request_cut_by_shutdown_still_ends_the_request() -> 
                 server.shutdown()
                 assert await receive_all(client) == b""
     assert len(ended) == 1
+
+
+# -- request_deadline ---------------------------------------------------------------------
+
+
+async def test_request_deadline_cuts_a_connection_counts_and_logs_it(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    caplog.set_level(logging.INFO, logger="trio_socketserver.access")
+    with trio.fail_after(600):
+        server = ts.TCPServer(LOCALHOST, Echo)
+        server.request_deadline = 30
+        async with serving(server):
+            start = trio.current_time()
+            async with await connect(server) as client:
+                peer = client.socket.getsockname()
+                assert await receive_all(client) == b""  # the server hung up
+                assert trio.current_time() - start == pytest.approx(30)
+            assert await echo_once(server) == b"ping\n"  # and keeps serving
+    stats = server.statistics()
+    assert (stats.cancelled_requests, stats.failed_requests, stats.finished_requests) == (1, 0, 1)
+    cut = [r for r in caplog.records if r.name == LOGGER_NAME]
+    assert [(r.levelno, r.getMessage()) for r in cut] == [
+        (
+            logging.INFO,
+            f"request from {peer!r} cut short: it ran longer than request_deadline (30 s)",
+        )
+    ]
+    access = [r.getMessage() for r in caplog.records if r.name == "trio_socketserver.access"]
+    assert access[0].startswith(f"{peer!r} cut short in 30.000 s")
+
+
+async def test_request_deadline_cuts_a_datagram_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    entered = trio.Event()
+    cut = trio.Event()
+
+    class Stuck(ts.DatagramRequestHandler):
+        async def handle(self) -> None:
+            entered.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cut.set()
+
+    with trio.fail_after(600):
+        server = ts.UDPServer(LOCALHOST, Stuck)
+        server.request_deadline = 5
+        async with serving(server):
+            with trio.socket.socket(type=socket.SOCK_DGRAM) as sock:
+                await sock.sendto(b"hi", server.server_address)
+                await entered.wait()
+                start = trio.current_time()
+                await cut.wait()
+                assert trio.current_time() - start == pytest.approx(5)
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.statistics().cancelled_requests == 1
+
+
+@pytest.mark.parametrize("bad", [-1, math.nan])
+async def test_invalid_request_deadline_is_refused(bad: float) -> None:
+    async with ts.TCPServer(LOCALHOST, Echo) as server:
+        server.request_deadline = bad
+        with pytest.raises(ValueError, match=r"request_deadline must be >= 0 seconds or None"):
+            await server.serve_forever()
 
 
 # -- capacity ---------------------------------------------------------------------------

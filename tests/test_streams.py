@@ -403,6 +403,93 @@ async def test_without_timeout_the_reader_waits_as_long_as_it_takes(
 
 
 # ---------------------------------------------------------------------------------------------
+# StreamReader: deadlines
+
+# Reads that a peer sending one byte every 0.9 s does not complete within 3 s.
+TRICKLED_READS: list[Callable[[StreamReader], Awaitable[bytes]]] = [
+    lambda r: r.readline(),
+    lambda r: r.readline(10),
+    lambda r: r.read(),
+    lambda r: r.read(5),
+    lambda r: r.readexactly(5),
+    lambda r: r.__anext__(),
+]
+
+
+@pytest.mark.parametrize("read", TRICKLED_READS)
+async def test_deadline_bounds_a_whole_read_however_the_bytes_trickle(
+    autojump_clock: trio.testing.MockClock, read: Callable[[StreamReader], Awaitable[bytes]]
+) -> None:
+    send_stream, receive_stream = trio.testing.memory_stream_one_way_pair()
+    # The per-wait timeout never fires: every byte comes 0.9 s after the one before.
+    reader = StreamReader(receive_stream, timeout=1, deadline=3)
+
+    async def trickle() -> None:
+        for _ in range(100):  # far more than the deadline lets in
+            await trio.sleep(0.9)
+            await send_stream.send_all(b"a")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        start = trio.current_time()
+        with pytest.raises(TimeoutError, match=r"^read took longer than its deadline of 3 s$"):
+            await read(reader)
+        assert trio.current_time() - start == pytest.approx(3)
+        nursery.cancel_scope.cancel()
+    # Nothing is lost: the bytes that came at 0.9, 1.8 and 2.7 s are still buffered.
+    await send_stream.send_all(b"\n")
+    assert await reader.readline() == b"aaa\n"
+
+
+@pytest.mark.parametrize("read", READS)
+async def test_deadline_bounds_a_silent_peer_too(
+    autojump_clock: trio.testing.MockClock, read: Callable[[StreamReader], Awaitable[bytes]]
+) -> None:
+    _, receive_stream = trio.testing.memory_stream_one_way_pair()
+    reader = StreamReader(receive_stream, deadline=2.5)
+    start = trio.current_time()
+    with pytest.raises(TimeoutError, match=r"deadline of 2\.5 s$"):
+        await read(reader)
+    assert trio.current_time() - start == pytest.approx(2.5)
+
+
+async def test_deadline_is_per_read_and_can_be_changed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send_stream, receive_stream = trio.testing.memory_stream_one_way_pair()
+    reader = StreamReader(receive_stream, deadline=2)
+
+    async def peer() -> None:
+        for line in [b"one\n", b"two\n", b"three\n"]:
+            await trio.sleep(1.5)
+            await send_stream.send_all(line)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        # 4.5 s for three lines, but each read takes only 1.5 s of its own 2 s.
+        assert [await reader.readline() for _ in range(2)] == [b"one\n", b"two\n"]
+        reader.deadline = 1
+        with pytest.raises(TimeoutError, match=r"deadline of 1 s$"):
+            await reader.readline()
+        reader.deadline = None
+        assert await reader.readline() == b"three\n"
+
+
+async def test_deadline_and_timeout_bound_a_read_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send_stream, receive_stream = trio.testing.memory_stream_one_way_pair()
+    reader = StreamReader(receive_stream, timeout=1, deadline=10)
+    await send_stream.send_all(b"half a li")
+    start = trio.current_time()
+    with pytest.raises(TimeoutError, match=r"^no data from the peer for 1 s$"):
+        await reader.readline()  # the peer went silent: the per-wait timeout comes first
+    assert trio.current_time() - start == pytest.approx(1)
+    await send_stream.send_all(b"ne\n")
+    assert await reader.readline() == b"half a line\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # StreamWriter
 
 
@@ -521,3 +608,50 @@ async def test_writer_timeout_bounds_each_send(autojump_clock: trio.testing.Mock
     async with trio.open_nursery() as nursery:
         nursery.start_soon(slow_peer)
         await writer.write(b"late")  # accepted after 2 s: within the timeout
+
+
+async def test_writer_deadline_bounds_a_whole_write_to_a_slow_reader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send_stream, receive_stream = trio.testing.lockstep_stream_one_way_pair()
+    # The peer accepts a byte every 0.5 s: each wait is short, the whole write is not.
+    writer = StreamWriter(send_stream, deadline=3)
+    received = bytearray()
+
+    async def slow_reader() -> None:
+        for _ in range(1000):
+            received.extend(await receive_stream.receive_some(1))
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_reader)
+        start = trio.current_time()
+        with pytest.raises(TimeoutError, match=r"^write took longer than its deadline of 3 s$"):
+            await writer.write(b"x" * 100)
+        assert trio.current_time() - start == pytest.approx(3)
+        nursery.cancel_scope.cancel()
+    assert 0 < len(received) < 100
+
+
+@pytest.mark.parametrize(
+    ("wait_timeout", "deadline", "after", "message"),
+    [
+        (None, 2, 2, "write took longer than its deadline of 2 s"),
+        (5, 2, 2, "write took longer than its deadline of 2 s"),
+        (2, 5, 2, "peer did not accept data for 2 s"),
+    ],
+)
+async def test_writer_deadline_and_timeout_the_shorter_wins(
+    autojump_clock: trio.testing.MockClock,
+    wait_timeout: float | None,
+    deadline: float,
+    after: float,
+    message: str,
+) -> None:
+    send_stream, _ = trio.testing.lockstep_stream_one_way_pair()
+    writer = StreamWriter(send_stream, bufsize=4, timeout=wait_timeout, deadline=deadline)
+    await writer.write(b"ab")  # only buffered: no wait, no deadline
+    start = trio.current_time()
+    with pytest.raises(TimeoutError, match=f"^{message}$"):
+        await writer.flush()  # nobody is reading
+    assert trio.current_time() - start == pytest.approx(after)

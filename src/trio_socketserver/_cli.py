@@ -146,6 +146,8 @@ class Config:
     max_connections: int | None = None
     shutdown_grace: float | None = None
     """None: the server's default (``BaseServer.shutdown_grace``)."""
+    request_deadline: float | None = None
+    """None: no bound on how long one request (a stream server's connection) may run."""
     drain_delay: float = 0.0
     ssl_context: ssl.SSLContext | None = None
     proxy_protocol: str | None = None
@@ -485,6 +487,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         f"cancelled (default: {BaseServer.shutdown_grace})",
     )
     what.add_argument(
+        "--request-deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the longest one request may run (for streams: the whole connection), so "
+        "that a client trickling bytes cannot hold it forever; then it is cut as at the "
+        "end of --shutdown-grace and logged (default: no limit)",
+    )
+    what.add_argument(
         "--drain-delay",
         type=_seconds,
         default=0.0,
@@ -593,6 +603,7 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         threading=options.threading,
         max_connections=options.max_connections,
         shutdown_grace=options.shutdown_grace,
+        request_deadline=options.request_deadline,
         drain_delay=options.drain_delay,
         ssl_context=load_tls(options.tls_cert, options.tls_key, udp=options.udp),
         proxy_protocol=options.proxy_protocol,
@@ -726,6 +737,8 @@ def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
             settings["max_threads"] = config.max_connections
     if config.shutdown_grace is not None:
         settings["shutdown_grace"] = config.shutdown_grace
+    if config.request_deadline is not None:
+        settings["request_deadline"] = config.request_deadline
     if config.proxy_protocol is not None:
         settings["proxy_protocol"] = config.proxy_protocol
     if config.proxy_trusted is not None:

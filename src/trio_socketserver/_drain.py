@@ -13,8 +13,9 @@
 # the peer's next message has already arrived in the kernel (it is then served). A read already
 # waiting at a boundary when the grace begins is woken: a trio task through
 # trio.lowlevel.notify_closing (its wait ends, the socket stays as it is), a sync handler's
-# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread. The hot
-# path pays no cancel scope: only a set insertion around a read that waits.
+# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread (and one
+# that cannot be undone: a thread whose next message has already arrived is left to read it).
+# The hot path pays no cancel scope: only a set insertion around a read that waits.
 from __future__ import annotations
 
 import socket
@@ -88,6 +89,10 @@ class Exchange:
         """Wake a read waiting at the boundary: it returns end-of-file."""
         if not self.threaded:
             trio.lowlevel.notify_closing(self.socket)
+            return
+        if self._data_arrived():
+            # The thread is about to return with the peer's next message: a shutdown now
+            # would make the rest of that message read as end-of-file.
             return
         try:
             # The plain socket's method, also under TLS: ssl.SSLSocket's own would end the

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import attrs
@@ -83,6 +83,12 @@ BACKLOG_LIMIT = 4096
 # How long shutdown_request() may take once a stop has cut its request: long enough for an
 # async override to close the connection, short enough not to hold a hard stop.
 END_REQUEST_TIMEOUT = 1.0
+# What a request runs in when the server has no request_deadline (the default): a cancel scope
+# would cost every request a few microseconds for nothing. Reusable: it holds no state.
+_NO_DEADLINE = nullcontext()
+# The handler attributes that bound one rfile/wfile call of an async handler; a sync handler
+# reads and writes with the stdlib's file objects, which they cannot bound.
+NATIVE_DEADLINES = ("read_deadline", "write_deadline")
 # Hooks that a sync handler's request calls on its own thread (or worker process), where
 # nothing could await what an async override returns.
 SYNC_REQUEST_HOOKS = (
@@ -115,6 +121,27 @@ def is_async_handler(handler_class: object) -> bool:
 _is_coroutine_function = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
 
 
+def check_deadlines(server: Any) -> float | None:
+    """The server's ``request_deadline``, read once as serving starts; ValueError for one
+    that is not None or seconds >= 0, and for ``read_deadline``/``write_deadline`` on a sync
+    handler, which could not honour them."""
+    deadline: float | None = server.request_deadline
+    if deadline is not None and not deadline >= 0:
+        raise ValueError(f"request_deadline must be >= 0 seconds or None, not {deadline!r}")
+    handler_class = server.RequestHandlerClass
+    if is_async_handler(handler_class):
+        return deadline
+    for name in NATIVE_DEADLINES:
+        if getattr(handler_class, name, None) is not None:
+            raise ValueError(
+                f"{handler_class.__name__}.{name} is set, but its handle() is a plain def: a "
+                "sync handler reads and writes with the stdlib's file objects, which only "
+                "its timeout bounds (each wait); bound its requests with the server's "
+                "request_deadline instead, or make handle() async"
+            )
+    return deadline
+
+
 def reject_async_hooks(server: object, names: tuple[str, ...], where: str) -> None:
     """TypeError for a hook in ``names`` that ``server`` overrides with an ``async def``."""
     for name in names:
@@ -139,7 +166,7 @@ class ServerStatistics:
     failed_requests: int
     """Requests whose handling raised (reported through ``handle_error``)."""
     cancelled_requests: int
-    """Requests cut short: by a shutdown (grace expired), a hard stop or a deadline."""
+    """Requests cut short: by a shutdown (grace expired), a hard stop or ``request_deadline``."""
     refused_requests: int
     """Requests closed before any handler saw them: ``verify_request()`` said no, or a PROXY
     protocol header was rejected (those are also in ``proxy_rejected_requests``)."""
@@ -267,6 +294,7 @@ class _Requests:
     readable_first: bool
     # The server's PROXY protocol settings, checked as the run starts; None: no header.
     proxy: ProxySettings | None
+    request_deadline: float | None  # validated once per run, like the capacity limit
 
 
 @attrs.define(eq=False)
@@ -437,6 +465,7 @@ class Engine:
         self.check_can_serve()
         server = self.server
         reject_async_hooks(server, SYNC_REQUEST_HOOKS, "on a sync handler's thread")
+        request_deadline = check_deadlines(server)
         proxy = proxy_settings(server)
         with selectors.DefaultSelector() as selector:
             selector.register(server.socket, selectors.EVENT_READ)
@@ -448,6 +477,8 @@ class Engine:
         except OSError:
             return  # as the stdlib: the client went away, or another thread took it
         self._accepted += 1
+        connection = [request]
+        deadline = DeadlineTimer(connection)
         try:
             header = None
             if proxy is not None:
@@ -464,14 +495,20 @@ class Engine:
                     self._refused += 1
                     self._end_request_blocking(request, client_address)
                     return
-                failed = self.blocking_sequence([request], client_address)
+                deadline.start(request_deadline)
+                failed = self.blocking_sequence(connection, client_address)
             finally:
                 _current_proxy_header.reset(token)
         except Exception:
             failed = True
             self._report_error_blocking(request, client_address)
             self._end_request_blocking(request, client_address)
-        if failed:
+        finally:
+            deadline.stop()
+        if deadline.passed:
+            self._cancelled += 1
+            _log_deadline(client_address, request_deadline)
+        elif failed:
             self._failed += 1
         else:
             self._finished += 1
@@ -496,6 +533,7 @@ class Engine:
     @asynccontextmanager
     async def _open_requests(self) -> AsyncIterator[_Requests]:
         server = self.server
+        request_deadline = check_deadlines(server)
         limit = self._request_limit()
         proxy = proxy_settings(server)
         if not is_async_handler(server.RequestHandlerClass):
@@ -514,7 +552,9 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 readable_first = self.stdlib_manners and not _engine_get_request(server)
-                self._requests = _Requests(nursery, limiter, readable_first, proxy)
+                self._requests = _Requests(
+                    nursery, limiter, readable_first, proxy, request_deadline
+                )
                 yield self._requests
         finally:
             self._requests = None
@@ -694,42 +734,65 @@ class Engine:
             )
         slot, admission.slot = admission.slot, None
         requests.nursery.start_soon(
-            self._run_request, slot, request, client_address, runner or self._run_on_thread
+            self._run_request,
+            slot,
+            request,
+            client_address,
+            runner or self._run_on_thread,
+            requests.request_deadline,
         )
 
     async def _run_request(
-        self, slot: CapacitySlot, request: Any, client_address: Any, runner: RequestRunner
+        self,
+        slot: CapacitySlot,
+        request: Any,
+        client_address: Any,
+        runner: RequestRunner,
+        request_deadline: float | None,
     ) -> None:
         self._active += 1
         started = trio.current_time()
         outcome = "cut short"
         connection: Connection | None = None
+        # At the deadline the request is cut as a stop cuts it after shutdown_grace: the task
+        # is cancelled (a thread's connection is shut down, a worker's too, see the runners).
+        deadline = (
+            None
+            if request_deadline is None
+            else trio.CancelScope(deadline=started + request_deadline)
+        )
         try:
-            if is_async_handler(self.server.RequestHandlerClass):
-                # Inline, not in a runner: every coroutine frame under this task is memory
-                # that each idle connection holds for as long as it lives.
-                failed = False
-                try:
-                    connection = self._open_connection(request)
-                    running = self.server.finish_request(
-                        self.async_request(request) if connection is None else connection.request,
-                        client_address,
-                    )
-                    if inspect.isawaitable(running):
-                        await running
-                except Exception:
-                    failed = True
-                    await self.report_error(request, client_address)
-                finally:
-                    failed = not await self.end_request(request, client_address) or failed
-            else:
-                failed = await runner(slot, request, client_address)
-            if failed:
-                self._failed += 1
-                outcome = "failed"
-            else:
-                self._finished += 1
-                outcome = "finished"
+            with _NO_DEADLINE if deadline is None else deadline:
+                if is_async_handler(self.server.RequestHandlerClass):
+                    # Inline, not in a runner: every coroutine frame under this task is memory
+                    # that each idle connection holds for as long as it lives.
+                    failed = False
+                    try:
+                        connection = self._open_connection(request)
+                        running = self.server.finish_request(
+                            self.async_request(request)
+                            if connection is None
+                            else connection.request,
+                            client_address,
+                        )
+                        if inspect.isawaitable(running):
+                            await running
+                    except Exception:
+                        failed = True
+                        await self.report_error(request, client_address)
+                    finally:
+                        failed = not await self.end_request(request, client_address) or failed
+                else:
+                    failed = await runner(slot, request, client_address)
+                if failed:
+                    self._failed += 1
+                    outcome = "failed"
+                else:
+                    self._finished += 1
+                    outcome = "finished"
+            if deadline is not None and deadline.cancelled_caught:
+                self._cancelled += 1
+                _log_deadline(client_address, request_deadline)
         except trio.Cancelled:
             self._cancelled += 1
             raise
@@ -991,6 +1054,46 @@ def _on_own_thread(process_request_thread: Callable[[Any, Any], None], *args: An
     return outcome.failed
 
 
+@attrs.define(eq=False)
+class DeadlineTimer:
+    """``request_deadline`` for a sync request that runs in the calling thread with no trio
+    run (compat's handle_request()): a timer thread shuts the connection down at the
+    deadline, as the engine releases a handler thread's connection when its task is cut.
+
+    A datagram request has no connection of its own to shut down; it runs to its end.
+    """
+
+    connection: list[Any]
+    passed: bool = False
+    """Whether the deadline passed while the request ran (its connection was shut down)."""
+    _running: bool = False
+    _timer: threading.Timer | None = None
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def start(self, seconds: float | None) -> None:
+        if seconds is None or not isinstance(self.connection[0], socket.socket):
+            return
+        self._running = True
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.name = "trio_socketserver request_deadline"
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Once the request has ended; returns when the timer thread has."""
+        with self._lock:
+            self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+
+    def _cut(self) -> None:
+        with self._lock:  # never after stop(): a request that has ended was not cut
+            if self._running:
+                self.passed = True
+                release_connection(self.connection[0])
+
+
 def release_connection(request: Any) -> None:
     """Make blocked I/O on a sync handler's socket return, from another thread.
 
@@ -1019,6 +1122,14 @@ def _engine_get_request(server: object) -> bool:
 
     get_request = type(server).get_request  # type: ignore[attr-defined]
     return get_request in (TCPServer.get_request, UDPServer.get_request)
+
+
+def _log_deadline(client_address: Any, request_deadline: float | None) -> None:
+    LOGGER.info(
+        "request from %r cut short: it ran longer than request_deadline (%s s)",
+        client_address,
+        request_deadline,
+    )
 
 
 def _log_access(

@@ -117,11 +117,24 @@ class StreamRequestHandler(BaseRequestHandler):
     seconds any single wait for the peer may take before ``TimeoutError``
     (``None``: forever), which bounds clients that send nothing or half a
     line. ``disable_nagle_algorithm``: set ``TCP_NODELAY``.
+
+    Async ``handle`` only: ``read_deadline``: seconds one ``rfile`` call
+    (``readline``, ``read``, ``readexactly``, ``read1``, one step of ``async
+    for``) may take in total, however the bytes trickle in; ``write_deadline``:
+    the same for one ``wfile.write``/``writelines``/``flush``. Exceeded: the
+    call raises ``TimeoutError`` in the handler, which may answer the client
+    before it returns; the default ``handle_error`` logs it as one INFO line.
+    ``None`` (the default): no bound, and no cancel scope per call. A sync handler reads
+    and writes with the stdlib's file objects, which they cannot bound: setting
+    either on one is refused with ``ValueError`` when serving starts (bound its
+    requests with the server's ``request_deadline`` instead).
     """
 
     rbufsize: int = -1
     wbufsize: int = 0
     timeout: float | None = None
+    read_deadline: float | None = None
+    write_deadline: float | None = None
     disable_nagle_algorithm: bool = False
 
     rfile: Any
@@ -133,8 +146,12 @@ class StreamRequestHandler(BaseRequestHandler):
             self.__set_nodelay(_socket_of(self.request))
             io = io_stream_for(self.request)
             exchange = drain_exchange(self.server, self.request)
-            self.rfile = StreamReader(io, self.rbufsize, self.timeout, exchange)
-            self.wfile = StreamWriter(io, self.wbufsize, self.timeout, exchange)
+            self.rfile = StreamReader(
+                io, self.rbufsize, self.timeout, exchange, deadline=self.read_deadline
+            )
+            self.wfile = StreamWriter(
+                io, self.wbufsize, self.timeout, exchange, deadline=self.write_deadline
+            )
             return _DONE
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)

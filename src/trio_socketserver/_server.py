@@ -71,6 +71,15 @@ class BaseServer:
     in the kernel backlog (``request_queue_size``) instead of in memory.
     Default ``None``: bounded only by the process's file descriptors.
 
+    ``request_deadline``: the longest, in seconds, that one request may run
+    in total (for a stream server: the connection, every message on it),
+    so that a client that trickles bytes just inside every ``timeout`` cannot
+    hold its task or thread forever. Exceeded: the request is cut exactly as
+    at the end of ``shutdown_grace`` (an async handler is cancelled; a sync
+    handler's connection is shut down so its thread returns), counted in
+    ``statistics().cancelled_requests``, and logged as one INFO line naming
+    the peer and the deadline. Default ``None``: no bound, as the stdlib.
+
     ``proxy_protocol`` (stream servers): ``"v1"``, ``"v2"`` or ``"auto"`` (either) to
     take a PROXY protocol header, which a balancer such as HAProxy (``send-proxy``,
     ``send-proxy-v2``) sends first on each connection to say whom it forwards. The header
@@ -93,6 +102,7 @@ class BaseServer:
     socket: socket.socket
     timeout: float | None = None
     shutdown_grace: float | None = 5.0
+    request_deadline: float | None = None
     drain_delay: float = 0.0
     max_connections: int | None = None
     proxy_protocol: str | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 # Buffered reading and writing over a trio stream: the ``rfile`` / ``wfile`` objects that a
 # stream request handler exposes. Pure byte-shuffling logic on top of trio.abc.ReceiveStream and
 # trio.abc.SendStream; nothing here knows about sockets, addresses or servers.
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -52,6 +52,7 @@ class StreamReader:
       exchange: A server connection's drain state: when the server drains, a read that waits
         for the peer's next message with nothing buffered returns end-of-file (see
         :meth:`BaseServer.shutdown`). None (the default) for a stream that never ends early.
+      deadline: See :attr:`deadline`.
 
     Attributes:
       timeout (float | None): If not None, the longest time, in seconds, that any single wait
@@ -59,12 +60,18 @@ class StreamReader:
         :meth:`readline` or :meth:`read`, so a peer that keeps trickling data in never times
         out. It may be changed at any time; the new value applies from the next wait. It must
         be None or a non-negative number.
+      deadline (float | None): If not None, the longest time, in seconds, that one read
+        (:meth:`readline`, :meth:`read`, :meth:`readexactly`, :meth:`read1`, one step of
+        ``async for``) may take in total, however the bytes trickle in. It may be changed at
+        any time; the new value applies from the next read. It must be None or a
+        non-negative number. None (the default) opens no cancel scope per read.
 
     Cancellation:
       A read is a checkpoint only when it has to receive from the stream; a read that can be
       answered from the buffer returns without yielding to the scheduler. If a read is
-      cancelled or times out, nothing is lost: the bytes received so far stay buffered and the
-      next read sees them (the stream takes nothing from the peer once cancelled).
+      cancelled, times out or passes its deadline, nothing is lost: the bytes received so far
+      stay buffered and the next read sees them (the stream takes nothing from the peer once
+      cancelled).
 
     Errors:
       Every read can raise whatever the underlying stream raises, e.g.
@@ -81,11 +88,16 @@ class StreamReader:
         bufsize: int = DEFAULT_BUFFER_SIZE,
         timeout: float | None = None,
         exchange: Exchange | None = None,
+        *,
+        deadline: float | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = bufsize if bufsize > 0 else DEFAULT_BUFFER_SIZE
         self.timeout = timeout
         self._exchange = exchange
+        self.deadline = deadline
+        # True while a read runs inside the cancel scope of its deadline (see _within_deadline).
+        self._bounded = False
         # Unread data is self._buf[self._pos:]. Consumed bytes are only cut off the front just
         # before the buffer grows (or all at once when everything has been read), so consuming
         # many small lines from one big receive copies nothing but the lines themselves.
@@ -116,10 +128,13 @@ class StreamReader:
           A checkpoint only if it has to receive from the stream; see :class:`StreamReader`.
 
         Errors:
-          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
-            Bytes of the partial line stay buffered.
+          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long,
+            or :attr:`deadline` is set and the line took longer than that in total. Bytes of
+            the partial line stay buffered.
 
         """
+        if self.deadline is not None and not self._bounded:
+            return await self._within_deadline(self.deadline, self.readline, limit)
         while True:
             unread = len(self._buf) - self._pos
             stop = len(self._buf) if limit < 0 else min(len(self._buf), self._pos + limit)
@@ -149,10 +164,13 @@ class StreamReader:
           A checkpoint only if it has to receive from the stream; see :class:`StreamReader`.
 
         Errors:
-          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
-            The bytes received so far stay buffered.
+          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long,
+            or :attr:`deadline` is set and the read took longer than that in total. The bytes
+            received so far stay buffered.
 
         """
+        if self.deadline is not None and not self._bounded:
+            return await self._within_deadline(self.deadline, self.read, n)
         if n < 0:
             while await self._fill():
                 pass
@@ -176,7 +194,7 @@ class StreamReader:
         Errors:
           IncompleteReadError: If the peer closed the connection before ``n`` bytes arrived.
             The bytes that did arrive are in its ``partial`` attribute and are consumed.
-          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
+          TimeoutError: As for :meth:`read` (which bounds it, :attr:`deadline` included).
             The bytes received so far stay buffered.
           ValueError: If ``n`` is negative.
 
@@ -205,11 +223,14 @@ class StreamReader:
           A checkpoint only if the buffer is empty; see :class:`StreamReader`.
 
         Errors:
-          TimeoutError: If :attr:`timeout` is set and the peer sent nothing for that long.
+          TimeoutError: If :attr:`timeout` or :attr:`deadline` is set and the peer sent
+            nothing for that long.
 
         """
         if n == 0:
             return b""
+        if self.deadline is not None and not self._bounded:
+            return await self._within_deadline(self.deadline, self.read1, n)
         if self._pos == len(self._buf):
             await self._fill()
         unread = len(self._buf) - self._pos
@@ -288,6 +309,22 @@ class StreamReader:
             return await self._stream.receive_some(self._bufsize)
         raise TimeoutError(f"no data from the peer for {wait_timeout} s")
 
+    async def _within_deadline(
+        self, deadline: float, read: Callable[[int], Awaitable[bytes]], n: int
+    ) -> bytes:
+        """``await read(n)`` (a public read method), bounded in total by ``deadline``.
+
+        One cancel scope around the whole call, opened only when a deadline is set, so that
+        reads without one pay nothing for it; ``read`` sees ``_bounded`` and runs inside it.
+        """
+        self._bounded = True
+        try:
+            with trio.move_on_after(deadline):
+                return await read(n)
+        finally:
+            self._bounded = False
+        raise TimeoutError(f"read took longer than its deadline of {deadline} s")
+
 
 class StreamWriter:
     """A (possibly) buffered writer on top of a :class:`trio.abc.SendStream`.
@@ -304,11 +341,18 @@ class StreamWriter:
       timeout: See :attr:`timeout`.
       exchange: The connection's drain state, shared with its :class:`StreamReader`: a write
         tells the reader that the message it answered is complete.
+      deadline: See :attr:`deadline`.
 
     Attributes:
       timeout (float | None): If not None, the longest time, in seconds, that any single
         ``send_all`` may take. It may be changed at any time; the new value applies from the
         next send. It must be None or a non-negative number.
+      deadline (float | None): If not None, the longest time, in seconds, that one
+        :meth:`write`, :meth:`writelines` or :meth:`flush` may take in total, however slowly
+        the peer reads. Each of them sends at most once, so today this bounds the same
+        ``send_all`` as :attr:`timeout`; set whichever names what you mean (the handler's
+        ``timeout`` bounds reads too). It may be changed at any time; the new value applies
+        from the next call. It must be None or a non-negative number.
 
     Cancellation:
       A write is a checkpoint only if it sends. If a send is cancelled, times out or fails, the
@@ -329,11 +373,14 @@ class StreamWriter:
         bufsize: int = 0,
         timeout: float | None = None,
         exchange: Exchange | None = None,
+        *,
+        deadline: float | None = None,
     ) -> None:
         self._stream = stream
         self._bufsize = DEFAULT_BUFFER_SIZE if bufsize < 0 else bufsize
         self.timeout = timeout
         self._exchange = exchange
+        self.deadline = deadline
         self._buf = bytearray()
 
     @property
@@ -354,8 +401,8 @@ class StreamWriter:
           A checkpoint only if it sends; see :class:`StreamWriter`.
 
         Errors:
-          TimeoutError: If :attr:`timeout` is set and the peer did not accept the data for
-            that long.
+          TimeoutError: If :attr:`timeout` or :attr:`deadline` is set and the peer did not
+            accept the data for that long.
 
         """
         if self._exchange is not None:
@@ -392,8 +439,8 @@ class StreamWriter:
           If the send is cancelled the buffered data is dropped; see :class:`StreamWriter`.
 
         Errors:
-          TimeoutError: If :attr:`timeout` is set and the peer did not accept the data for
-            that long.
+          TimeoutError: If :attr:`timeout` or :attr:`deadline` is set and the peer did not
+            accept the data for that long.
 
         """
         if self._buf:
@@ -401,12 +448,18 @@ class StreamWriter:
             await self._send(data)
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
-        """One ``send_all``, bounded by :attr:`timeout`."""
+        """One ``send_all``, bounded by :attr:`timeout` and :attr:`deadline` (every public
+        method sends at most once, so bounding the send bounds the whole call)."""
         timeout = self.timeout
-        if timeout is None:
+        deadline = self.deadline
+        if deadline is not None and (timeout is None or deadline < timeout):
+            bound, error = deadline, f"write took longer than its deadline of {deadline} s"
+        elif timeout is not None:
+            bound, error = timeout, f"peer did not accept data for {timeout} s"
+        else:
             await self._stream.send_all(data)
             return
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(bound):
             await self._stream.send_all(data)
             return
-        raise TimeoutError(f"peer did not accept data for {timeout} s")
+        raise TimeoutError(error)

@@ -92,6 +92,9 @@ async def run_in_thread(
                 with trio.CancelScope(shield=True), trio.move_on_after(THREAD_RELEASE_TIMEOUT):
                     await end.wait()
             if not end.finished.is_set():
+                # Forget threads that have returned since: a server that cuts requests at
+                # their request_deadline, and never stops, must not collect them forever.
+                abandoned[:] = [finished for finished in abandoned if not finished.is_set()]
                 abandoned.append(end.finished)
                 if wait_for_release:
                     LOGGER.warning(

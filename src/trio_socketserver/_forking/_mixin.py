@@ -275,7 +275,8 @@ class ForkingMixIn(_MixinBase):
     async def __cut(
         self, pool: Pool, worker: Worker | None, request: Any, client_address: Any
     ) -> None:
-        """End a cancelled request (grace expired or hard stop); runs shielded, bounded."""
+        """End a cancelled request (grace expired, hard stop or request_deadline); runs
+        shielded, bounded."""
         if worker is None:
             await engine_of(self).end_request(request, client_address)
             return
@@ -289,8 +290,8 @@ class ForkingMixIn(_MixinBase):
         elif finished is None:
             status = await pool.discard(worker, terminate=True)
             LOGGER.warning(
-                "worker process %d was still handling the request from %r %.1f s after the "
-                "shutdown cut its connection; it %s",
+                "worker process %d was still handling the request from %r %.1f s after its "
+                "connection was cut; it %s",
                 worker.pid,
                 client_address,
                 WORKER_RELEASE_TIMEOUT,
