@@ -873,6 +873,10 @@ def test_workers_get_every_option_but_the_supervisors() -> None:
         "--workers=3",
         "--bind",
         "127.0.0.1:0",
+        "--unix",
+        "x.sock",
+        "--health-bind",
+        "127.0.0.1:0",
         "--handler",
         "app:H",
         "--threading",
@@ -880,29 +884,34 @@ def test_workers_get_every_option_but_the_supervisors() -> None:
         "7",
         "--shutdown-grace",
         "0.5",
+        "--request-deadline",
+        "30",
+        "--drain-delay=2",
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
+        "--proxy-protocol",
+        "v2",
+        "--proxy-trusted",
+        "10.0.0.0/8",
+        "--proxy-trusted",
+        "::1",
         "--log-level",
         "debug",
         "--access-log",
     ]
-    arguments = worker_arguments(parse_options(argv))
-    assert "--workers" not in arguments and "--bind" not in arguments
-    assert arguments == [
-        "--handler",
-        "app:H",
-        "--threading",
-        "--max-connections",
-        "7",
-        "--shutdown-grace",
-        "0.5",
-        "--log-level",
-        "DEBUG",
-        "--access-log",
-    ]
-    assert vars(parse_options(arguments)) == {
-        **vars(parse_options(argv)),
-        "workers": None,
-        "bind": [],
-    }
+    options = parse_options(argv)
+    arguments = worker_arguments(options)
+    assert arguments[:5] == ["--handler", "app:H", "--threading", "--max-connections", "7"]
+    for supervisors in ["--workers", "--bind", "--unix", "--health-bind", "--reuse-port"]:
+        assert supervisors not in arguments
+    # Every other option reaches the worker, with the value it was given.
+    supervisors_own = {"workers": None, "bind": [], "unix": [], "health_bind": None}
+    assert vars(parse_options(arguments)) == {**vars(options), **supervisors_own}
+    # Every option the parser knows was given above (a new one is added to this test).
+    given = {o for o in vars(options) if getattr(options, o) != parse_options([]).__dict__[o]}
+    assert given == set(vars(options)) - {"udp", "reuse_port"}
 
 
 def test_a_stopping_worker_gets_its_drain_and_grace_before_it_is_killed() -> None:
