@@ -48,7 +48,7 @@ class Supervisor:
     """Keeps ``workers`` worker processes running ``command`` on ``sockets``.
 
     ``command`` is what follows the worker bootstrap: ``["cli", *options]`` or
-    ``["factory", "module:name"]`` (see _worker.py). ``addresses`` are the listening
+    ``["factory", where, qualname, log_level]`` (see _worker.py). ``addresses`` are the listening
     addresses as the log shows them, ``what`` what is served (``app:Handler``).
     ``stop_timeout``: seconds a worker asked to stop may take before it is SIGKILLed (None:
     as long as it takes; the worker bounds its own drain).
