@@ -44,7 +44,13 @@ ALL_SERVERS = [
     "native",
     "compat-threading",
     "compat-forking",
+    "workers-1",
+    "workers-2",
 ]
+# Servers of several processes: never pinned (their point is to use more than one CPU), and
+# compared with ONE_PROCESS, the same server in one process, measured in the same run.
+WORKERS_PREFIX = "workers-"
+ONE_PROCESS = "native"
 SCENARIOS = ["pingpong", "connrate", "idle"]
 ERROR_KINDS = ["connect", "reset", "eof", "timeout", "bad_echo", "unanswered", "other"]
 BASELINE = "trio-raw"
@@ -332,6 +338,7 @@ def start_server(
 ) -> Server | str:
     """Start `servers.py NAME`; returns the Server, or an error string."""
     cmd = [sys.executable, str(SERVERS_PY), name, "--port", "0", "--grace", str(cfg.grace)]
+    several = name.startswith(WORKERS_PREFIX)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
         logf.write(f"=== {datetime.datetime.now().isoformat()} {' '.join(cmd)}\n".encode())
@@ -342,7 +349,7 @@ def start_server(
             stdout=subprocess.PIPE,
             stderr=logf,
             start_new_session=True,
-            preexec_fn=pin.preexec(pin.server_cpu),
+            preexec_fn=None if several else pin.preexec(pin.server_cpu),
             cwd=str(REPO),
         )
     STARTED.append(popen)
@@ -357,7 +364,7 @@ def start_server(
         tail = log_tail(log_path)
         return f"did not announce a port within {timeout:.0f} s (rc={popen.poll()}): {tail}"
     pinned = False
-    if pin.enabled and pin.server_cpu is not None:
+    if pin.enabled and pin.server_cpu is not None and not several:
         with contextlib.suppress(OSError):
             pinned = os.sched_getaffinity(popen.pid) == {pin.server_cpu}
     return Server(name, popen, port, log_path, proc_identity(popen.pid), pinned)
@@ -719,9 +726,14 @@ def compute_ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
         r: dict[str, Any] = {"vs_trio_raw": {}, "vs_stdlib": {}, "stdlib_ref": stdlib_ref(name)}
         base = summaries.get(BASELINE)
         ref = summaries.get(stdlib_ref(name))
+        one = summaries.get(ONE_PROCESS) if name.startswith(WORKERS_PREFIX) else None
+        if one is not None:
+            r["vs_one_process"] = {}
         for key, _ in RATIO_METRICS:
             r["vs_trio_raw"][key] = ratio(s.get(key), base.get(key)) if base else None
             r["vs_stdlib"][key] = ratio(s.get(key), ref.get(key)) if ref else None
+            if one is not None:
+                r["vs_one_process"][key] = ratio(s.get(key), one.get(key))
         out[name] = r
     return out
 
@@ -846,6 +858,42 @@ def render_markdown(result: dict[str, Any]) -> str:
         )
     out.append(md_table(rh, rb))
     out.append("")
+    several = [row for row in rows if row["available"] and row["name"].startswith(WORKERS_PREFIX)]
+    if several:
+        out.append("## Several processes")
+        out.append("")
+        out.append(
+            f"`{X} {ONE_PROCESS}` = this row's value divided by `{ONE_PROCESS}`'s (the same server "
+            "in one process, in this run). Worker rows are not pinned: their processes may use "
+            "every CPU, the load generator's included. CPU = cores used on average, client / "
+            "server (the server's whole process tree: supervisor and workers)."
+        )
+        out.append("")
+        sh = [
+            "server",
+            "req/s",
+            f"{X} {ONE_PROCESS}",
+            "CPU pingpong",
+            "conn/s",
+            f"{X} {ONE_PROCESS}",
+            "CPU connrate",
+        ]
+        sb = []
+        for row in [r for r in rows if r["name"] == ONE_PROCESS and r["available"]] + several:
+            s, versus = row["summary"], row["ratios"].get("vs_one_process") or {}
+            sb.append(
+                [
+                    row["name"],
+                    fmt(s["req_s"]),
+                    fmt_ratio(versus.get("req_s", 1.0 if row["name"] == ONE_PROCESS else None)),
+                    f"{cores(s['client_cpu_pingpong'])} / {cores(s['server_cpu_pingpong'])}",
+                    fmt(s["conn_s"]),
+                    fmt_ratio(versus.get("conn_s", 1.0 if row["name"] == ONE_PROCESS else None)),
+                    f"{cores(s['client_cpu_connrate'])} / {cores(s['server_cpu_connrate'])}",
+                ]
+            )
+        out.append(md_table(sh, sb))
+        out.append("")
     out.append("## Details")
     out.append("")
     dh = [
@@ -911,6 +959,10 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 def pct(v: Any) -> str:
     return NA if v is None else f"{v * 100:.0f}%"
+
+
+def cores(v: Any) -> str:
+    return NA if v is None else f"{v:.2f}"
 
 
 # ------------------------------------------------------------------------------ main
@@ -1129,7 +1181,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summaries = {n: rows[n].summary() for n in available}
     ratios = compute_ratios(summaries)
-    for ref in {BASELINE, *(stdlib_ref(n) for n in available)}:
+    refs = {BASELINE, *(stdlib_ref(n) for n in available)}
+    if any(n.startswith(WORKERS_PREFIX) for n in available):
+        refs.add(ONE_PROCESS)
+    for ref in refs:
         if ref not in summaries:
             notes.append(f"baseline {ref} not measured in this run: its ratio column is empty")
     for n in available:
@@ -1175,7 +1230,12 @@ def main(argv: list[str] | None = None) -> int:
         tb = sum(count_tracebacks(Path(p)) for p in rows[n].logs)
         if tb:
             notes.append(f"{n}: {tb} traceback(s) in the server log ({', '.join(rows[n].logs)})")
-        if rows[n].pinned is False and pin.enabled:
+        if n.startswith(WORKERS_PREFIX) and pin.enabled and ONE_PROCESS in summaries:
+            notes.append(
+                f"{n} ran on every CPU and {ONE_PROCESS} pinned to one: for {X} {ONE_PROCESS}, "
+                f"compare them in a --no-pin run"
+            )
+        if rows[n].pinned is False and pin.enabled and not n.startswith(WORKERS_PREFIX):
             notes.append(f"{n}: server pinning could not be verified")
     meta = machine_meta()
     meta["loadavg_start"] = loadavg_start

@@ -171,18 +171,22 @@ def _load_compat(attr: str) -> ModuleType:
     return mod
 
 
-def run_native(port: int, grace: float) -> None:
-    import trio
-
-    tss = _load_native()
-
+def _native_echo(tss: ModuleType) -> type[Any]:
     class Echo(tss.StreamRequestHandler):  # type: ignore[name-defined,misc]
         async def handle(self) -> None:
             async for line in self.rfile:
                 await self.wfile.write(line)
 
+    return Echo
+
+
+def run_native(port: int, grace: float) -> None:
+    import trio
+
+    tss = _load_native()
+
     async def main() -> None:
-        async with tss.TCPServer((HOST, port), Echo) as server:
+        async with tss.TCPServer((HOST, port), _native_echo(tss)) as server:
             server.shutdown_grace = grace
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
@@ -193,6 +197,32 @@ def run_native(port: int, grace: float) -> None:
                         break
 
     trio.run(main)
+
+
+# The workers' shutdown_grace: a worker imports this module afresh and calls native_worker(),
+# so the supervisor hands the --grace value down in its environment.
+GRACE_VARIABLE = "BENCH_WORKER_GRACE"
+
+
+def native_worker(sock: Any) -> Any:
+    """serve_workers()'s factory: native's server, around the socket the supervisor bound."""
+    tss = _load_native()
+    server = tss.TCPServer.from_socket(sock, _native_echo(tss))
+    server.shutdown_grace = float(os.environ[GRACE_VARIABLE])
+    return server
+
+
+def run_workers(workers: int, port: int, grace: float) -> None:
+    """native's server in `workers` worker processes under serve_workers()'s supervisor."""
+    import socket
+
+    import trio
+
+    tss = _load_native()
+    os.environ[GRACE_VARIABLE] = str(grace)
+    with socket.create_server((HOST, port), backlog=1024) as sock:
+        announce(sock.getsockname()[1])
+        sys.exit(trio.run(tss.serve_workers, native_worker, [sock], workers))
 
 
 def _compat_handler_base(compat: ModuleType) -> type[Any]:
@@ -231,6 +261,8 @@ SERVERS: dict[str, Callable[[int, float], None]] = {
     "native": run_native,
     "compat-threading": run_compat_threading,
     "compat-forking": run_compat_forking,
+    "workers-1": partial(run_workers, 1),
+    "workers-2": partial(run_workers, 2),
 }
 
 
@@ -240,6 +272,11 @@ def check(name: str) -> dict[str, Any]:
         if name == "native":
             mod = _load_native()
             detail = f"trio_socketserver from {getattr(mod, '__file__', '?')}"
+        elif name.startswith("workers-"):
+            mod = _load_native()
+            if not hasattr(mod, "serve_workers"):
+                raise ImportError("trio_socketserver has no serve_workers")
+            detail = f"serve_workers, trio_socketserver from {getattr(mod, '__file__', '?')}"
         elif name in ("compat-threading", "compat-forking"):
             attr = "ThreadingTCPServer" if name == "compat-threading" else "ForkingTCPServer"
             compat = _load_compat(attr)
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "--grace",
         type=float,
         default=0.0,
-        help="native only: shutdown_grace in seconds (default 0)",
+        help="native and workers-N only: shutdown_grace in seconds (default 0)",
     )
     parser.add_argument("--check", metavar="NAME", help="report whether NAME is available")
     parser.add_argument("--list", action="store_true", help="list server names")

@@ -1,5 +1,6 @@
-# Shared by test_cli.py and test_examples.py: run a server program in a child
-# process, read the "serving ... on KIND ADDRESS (Ctrl-C to stop)" line it
+# Shared by the tests that run a program (the command line, the examples): run a server
+# program in a child process (as a service manager would start it, for socket activation),
+# read the "serving ... on KIND ADDRESS (Ctrl-C to stop)" line it
 # logs (stderr) once it listens, signal it, and collect its exit status and stderr.
 # Every wait is bounded by a deadline; nothing sleeps to let the child start.
 # (The leak check these tests use is conftest.py's `no_leaks`.)
@@ -149,6 +150,46 @@ class ServerProcess:
         buffer[:] = rest
         lines = self.stdout_lines if pipe is self.proc.stdout else self.stderr_lines
         lines.extend(line.decode(errors="replace") for line in complete)
+
+
+# The service manager of socket activation, played by a small exec wrapper: it puts the
+# sockets on descriptors 3, 4, ..., sets the variables for its own pid and execs the real
+# program, which keeps that pid. argv: FD,FD,... NAMES WHOSE-PID PROGRAM-ARGS...;
+# WHOSE-PID "self" is activation for the program, "parent" names another process
+# (LISTEN_PID inherited from an activated parent).
+ACTIVATE = """\
+import fcntl, os, sys
+
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+names, whose_pid, program = sys.argv[2], sys.argv[3], sys.argv[4:]
+# Out of the way first, so that moving one onto 3, 4, ... cannot overwrite another.
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid() if whose_pid == "self" else os.getppid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+if names:
+    os.environ["LISTEN_FDNAMES"] = names
+os.execv(sys.executable, [sys.executable, *program])
+"""
+
+
+def activated(
+    passed: list[socket.socket] | list[int],
+    *args: str,
+    names: str = "",
+    whose_pid: str = "self",
+    cwd: Path | None = None,
+) -> ServerProcess:
+    """The command line with ``args``, started as a service manager starts it with the
+    sockets (or other descriptors) ``passed``."""
+    fds = [fd if isinstance(fd, int) else fd.fileno() for fd in passed]
+    spec = ",".join(map(str, fds))
+    cli = ("-m", "trio_socketserver")
+    return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *cli, *args, pass_fds=fds, cwd=cwd)
 
 
 def read_until(sock: socket.socket, end: bytes) -> bytes:

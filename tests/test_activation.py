@@ -1,7 +1,6 @@
 # Socket activation: the command line serving sockets it inherited, as systemd passes them
 # (descriptors from 3 on, LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES). The service manager is
-# played by a small exec wrapper: it puts the test's sockets on descriptors 3, 4, ..., sets
-# the variables for its own pid and execs the real program, which keeps that pid.
+# played by serving_process.activated().
 from __future__ import annotations
 
 import os
@@ -14,33 +13,11 @@ from typing import Any
 import pytest
 
 from conftest import have_ipv6_loopback
-from serving_process import ServerProcess, ip_address, read_until
+from serving_process import activated, ip_address, read_until
 from trio_socketserver._activation import parse_listen_fds
 
 # Bounds each client wait; a passing test never comes near it.
 TIMEOUT = 10.0
-CLI = ("-m", "trio_socketserver")
-
-# argv: FD,FD,... NAMES WHOSE-PID PROGRAM-ARGS...; WHOSE-PID "self" is activation for the
-# program, "parent" names another process (LISTEN_PID inherited from an activated parent).
-ACTIVATE = """\
-import fcntl, os, sys
-
-fds = [int(fd) for fd in sys.argv[1].split(",")]
-names, whose_pid, program = sys.argv[2], sys.argv[3], sys.argv[4:]
-# Out of the way first, so that moving one onto 3, 4, ... cannot overwrite another.
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid() if whose_pid == "self" else os.getppid())
-os.environ["LISTEN_FDS"] = str(len(fds))
-if names:
-    os.environ["LISTEN_FDNAMES"] = names
-os.execv(sys.executable, [sys.executable, *program])
-"""
 
 # Answers each line with the activation variables it can see: none, once the program took
 # its sockets (as sd_listen_fds() removes them before any handler runs).
@@ -56,20 +33,6 @@ class SeesEnv(trio_socketserver.StreamRequestHandler):
             seen = [v for v in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES") if v in os.environ]
             await self.wfile.write(("sees: %s\\n" % ",".join(seen)).encode())
 """
-
-
-def activated(
-    passed: list[socket.socket] | list[int],
-    *args: str,
-    names: str = "",
-    whose_pid: str = "self",
-    cwd: Path | None = None,
-) -> ServerProcess:
-    """The command line with ``args``, started as a service manager starts it with the
-    sockets (or other descriptors) ``passed``."""
-    fds = [fd if isinstance(fd, int) else fd.fileno() for fd in passed]
-    spec = ",".join(map(str, fds))
-    return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *CLI, *args, pass_fds=fds, cwd=cwd)
 
 
 @pytest.fixture
@@ -213,6 +176,7 @@ def test_listen_pid_of_another_process_is_ignored(
             "LISTEN_FDS=1): drop --bind, or start without LISTEN_FDS",
         ),
         (("--unix", "x.sock"), "--unix cannot be used with socket activation"),
+        (("--reuse-port",), "--reuse-port cannot be used with socket activation"),
         (("--udp",), "LISTEN_FDS passes a stream socket: drop --udp"),
     ],
 )

@@ -470,6 +470,19 @@ async def test_from_socket_serves_a_listening_socket_and_closes_it() -> None:
     assert sock.fileno() == -1  # server_close() closed it: the server owns it
 
 
+async def test_from_socket_leaves_a_shared_socket_non_blocking() -> None:
+    # The blocking mode belongs to the socket, shared by every process that holds it (the
+    # workers of a supervisor): put back to blocking when one server stops, the others'
+    # accept() would block their event loops.
+    sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
+    with sock.dup() as elsewhere:  # the same socket, as another process holds it
+        server = ts.TCPServer.from_socket(sock, Echo)
+        with trio.fail_after(5):
+            async with serving(server):
+                assert await echo_once(await connect(server)) == b"ping\n"
+        assert not os.get_blocking(elsewhere.fileno())
+
+
 @pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_from_socket_takes_the_family_from_the_socket() -> None:
     # TCPServer's class attribute says AF_INET; the socket is IPv6.

@@ -38,6 +38,7 @@ from ._streams import IncompleteReadError as IncompleteReadError
 from ._streams import StreamReader as StreamReader
 from ._streams import StreamWriter as StreamWriter
 from ._threading import ThreadingMixIn as ThreadingMixIn
+from ._workers._api import serve_workers as serve_workers
 
 __all__ = [
     "BaseRequestHandler",
@@ -70,4 +71,5 @@ __all__ = [
     "current_proxy_header",
     "inherited_sockets",
     "serve_until_signal",
+    "serve_workers",
 ]

@@ -10,6 +10,8 @@
 # `PROG: error: ...` line, as argparse prints them.
 from __future__ import annotations
 
+import argparse
+import functools
 import logging
 import os
 import signal
@@ -28,15 +30,19 @@ from ._cli import (
     Config,
     Endpoint,
     UsageError,
+    cannot_listen,
     load_config,
     parse_options,
     server_class,
 )
-from ._health import HealthServer
+from ._health import HealthServer, serve_with_health
 from ._server import LOGGER, BaseServer, is_async_handler
 from ._signals import describe_address, forced_exit_status, serve_until_signal
+from ._workers import _reporting
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With --workers, the supervisor's and the workers' lines share one stderr: each says whose.
+LOG_FORMAT_WITH_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # The engine logs one line per connection here (peer, duration, bytes, outcome).
 ACCESS_LOGGER = "trio_socketserver.access"
 
@@ -51,7 +57,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except UsageError as exc:
         _error(prog, str(exc))
         return EXIT_USAGE
-    configure_logging(options.log_level, access_log=options.access_log)
+    several = options.workers is not None or _reporting.supervised()
+    configure_logging(options.log_level, access_log=options.access_log, with_pid=several)
+    if options.workers is not None:
+        return _supervise(options, prog)
     try:
         # Taken (and the variables removed) before the handler's module is imported.
         inherited = inherited_sockets(os.environ)
@@ -83,9 +92,33 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         return EXIT_FAILURE
 
 
-def configure_logging(level: str, *, access_log: bool) -> None:
-    """Log to stderr from ``level`` on; the access log only when asked for (or at DEBUG)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+def _supervise(options: argparse.Namespace, prog: str) -> int:
+    """``--workers``: run a supervisor (the workers run this same command line)."""
+    # Imported here: a one-process command line has no use for the supervisor.
+    from ._workers._command import run_supervisor
+
+    try:
+        return run_supervisor(options)
+    except UsageError as exc:
+        _error(prog, str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return forced_exit_status(signal.SIGINT)
+    # As main()'s: the last resort, logged with its traceback.
+    except Exception:
+        LOGGER.critical("the supervisor failed", exc_info=True)
+        return EXIT_FAILURE
+
+
+def configure_logging(level: str, *, access_log: bool, with_pid: bool = False) -> None:
+    """Log to stderr from ``level`` on; the access log only when asked for (or at DEBUG).
+
+    ``with_pid``: each line names the process (``trio_socketserver[1234]: ...``), for a
+    supervisor and its workers.
+    """
+    logging.basicConfig(
+        level=level, format=LOG_FORMAT_WITH_PID if with_pid else LOG_FORMAT, stream=sys.stderr
+    )
     root_level = logging.getLogger().level
     if access_log:
         access_level = min(logging.INFO, root_level)
@@ -129,18 +162,15 @@ async def serve(config: Config, prog: str = PROG) -> int:
             try:
                 servers.append(cls(endpoint.address, config.handler, **tls))
             except OSError as exc:
-                _error(
-                    prog, f"cannot listen on {_describe(endpoint, config)}: {exc.strerror or exc}"
-                )
+                _error(prog, str(cannot_listen(endpoint, exc, udp=config.udp, tls=bool(tls))))
                 return EXIT_USAGE
         if config.health is not None:
             try:
                 health = HealthServer(config.health.address, servers)
             except OSError as exc:
-                where = _describe(config.health, config, health=True)
-                _error(prog, f"cannot listen on {where} (--health-bind): {exc.strerror or exc}")
+                _error(prog, str(cannot_listen(config.health, exc, option="--health-bind")))
                 return EXIT_USAGE
-        return await _serve_with_health(servers, health)
+        return await serve_with_health(health, functools.partial(serve_until_signal, *servers))
     finally:
         if health is not None:
             health.server_close()
@@ -151,28 +181,12 @@ async def serve(config: Config, prog: str = PROG) -> int:
                 endpoint.inherited.socket.close()  # one no server was built around
 
 
-async def _serve_with_health(servers: list[BaseServer], health: HealthServer | None) -> int:
-    if health is None:
-        return await serve_until_signal(*servers)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(health.serve_forever)
-        LOGGER.info(
-            "health endpoint on %s: GET /live, /ready, /metrics",
-            describe_address(
-                health.address_family, health.server_address, datagram=False, tls=False
-            ),
-        )
-        status = await serve_until_signal(*servers)
-        health.shutdown()
-    return status
-
-
-def _describe(endpoint: Endpoint, config: Config, *, health: bool = False) -> str:
+def _describe(endpoint: Endpoint, config: Config) -> str:
     return describe_address(
         endpoint.family,
         endpoint.address,
-        datagram=config.udp and not health,
-        tls=config.ssl_context is not None and not health,
+        datagram=config.udp,
+        tls=config.ssl_context is not None,
     )
 
 

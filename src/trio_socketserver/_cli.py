@@ -37,6 +37,8 @@ from ._families import (
 )
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
+from ._signals import describe_address
+from ._workers._policy import CRASH_LOOP, STABLE_AFTER
 
 PROG = "trio-socketserver"
 """The program's name as the console script; ``python -m trio_socketserver`` names itself so."""
@@ -80,15 +82,27 @@ when WATCHDOG_USEC asks. With socket activation (LISTEN_PID is this process,
 LISTEN_FDS set) it serves the sockets passed from descriptor 3 on instead of
 binding; --bind and --unix cannot be given then.
 
-Logging: to stderr, one line per event. --access-log adds one line per
+Workers: --workers N starts a supervisor that binds (or inherits) the
+sockets once and keeps N worker processes serving them, each a fresh
+interpreter running this command line. A worker that dies is replaced (pid and
+cause logged); {CRASH_LOOP} in a row in one slot dying within {STABLE_AFTER:g} s of their start is
+a crash loop: the supervisor stops and exits 1. SIGHUP reloads: new workers
+import the handler afresh and the old ones drain once every new one is ready;
+if one cannot start, the old ones keep serving. SIGTERM/SIGINT drains them all
+and logs the sum of their stop reports. --health-bind answers for all of them.
+No worker outlives the supervisor, however it ends.
+
+Logging: to stderr, one line per event (with --workers, each names its
+process: trio_socketserver[PID]). --access-log adds one line per
 connection (logger trio_socketserver.access, INFO); --log-level DEBUG shows it
 too, and the traceback behind a handler module that fails to import.
 
 Exit status:
   {EXIT_OK}        stopped gracefully after a signal
-  {EXIT_FAILURE}        failed while serving (the error is logged)
+  {EXIT_FAILURE}        failed while serving (the error is logged); with --workers, also a
+           crash loop
   {EXIT_USAGE}        could not start: bad option, handler, address, address in use,
-           TLS files
+           TLS files (with --workers: the first workers could not start)
   130/143  stopped at once by a second signal (128 + its number: SIGINT, SIGTERM)
 
 Examples:
@@ -99,6 +113,8 @@ Examples:
   {prog} --udp --bind 127.0.0.1:9999
       datagram echo
   {prog} --handler app:Handler --threading --max-connections 64
+  {prog} --handler app:Handler --workers 4 --health-bind 127.0.0.1:9000
+      four worker processes; kill -HUP the supervisor to reload app
 """
 
 
@@ -140,6 +156,8 @@ class Config:
     """Who may send a PROXY header; None: the server's default (loopback)."""
     health: Endpoint | None = None
     """Where to serve the health endpoint (``--health-bind``), if anywhere."""
+    reuse_port: bool = False
+    """Bind TCP sockets with ``SO_REUSEPORT``: several processes can listen on one port."""
 
 
 def parse_bind(text: str) -> Endpoint:
@@ -256,6 +274,18 @@ def check_handler(text: str, target: object, *, udp: bool) -> type[Any]:
     if not udp and issubclass(target, _DATAGRAM_HANDLER):
         raise UsageError(f"--handler {text} is a datagram handler; add --udp to serve it")
     return target
+
+
+def cannot_listen(
+    endpoint: Endpoint, exc: OSError, *, udp: bool = False, tls: bool = False, option: str = ""
+) -> UsageError:
+    """The error for an address that cannot be bound (in use, no permission, unknown host,
+    a path that is not a socket); ``option`` names the option it came from, if not
+    ``--bind``/``--unix``."""
+    where = describe_address(endpoint.family, endpoint.address, datagram=udp, tls=tls)
+    if option:
+        where += f" ({option})"
+    return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -494,6 +524,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "repeatable; replaces the default, loopback (127.0.0.0/8 and ::1). Peers on a Unix "
         "socket are always trusted",
     )
+    processes = parser.add_argument_group("several processes")
+    processes.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="serve with N worker processes under a supervisor that binds the sockets once, "
+        "replaces a worker that dies and reloads them all on SIGHUP (default: serve in "
+        "this one process)",
+    )
+    processes.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind TCP sockets with SO_REUSEPORT; with --workers each worker binds its own "
+        "and the kernel spreads connections among them (see the docs for the trade-off)",
+    )
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -538,12 +583,9 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
     that failed to import has that exception as its ``__cause__``.
     """
     if inherited:
-        endpoints = activated_endpoints(options, inherited)
+        endpoints = tuple(activated_endpoints(options, inherited))
     else:
-        endpoints = list(options.bind)
-        endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
-    if not endpoints:
-        endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
+        endpoints = endpoints_of(options)
     if options.handler is None:
         handler: type[Any] = DatagramEchoHandler if options.udp else EchoHandler
     else:
@@ -555,7 +597,7 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
     if options.proxy_trusted and options.proxy_protocol is None:
         raise UsageError("--proxy-trusted needs --proxy-protocol (v1, v2 or auto)")
     return Config(
-        endpoints=tuple(endpoints),
+        endpoints=endpoints,
         handler=handler,
         udp=options.udp,
         threading=options.threading,
@@ -567,6 +609,7 @@ def load_config(options: argparse.Namespace, inherited: Sequence[InheritedSocket
         proxy_protocol=options.proxy_protocol,
         proxy_trusted=None if options.proxy_trusted is None else tuple(options.proxy_trusted),
         health=options.health_bind,
+        reuse_port=options.reuse_port,
     )
 
 
@@ -575,11 +618,12 @@ def activated_endpoints(
 ) -> list[Endpoint]:
     """An endpoint per socket the service manager passed, once the options fit them.
 
-    Errors: ``UsageError`` for ``--bind`` or ``--unix`` (the manager decides where to
-    listen), and for ``--udp`` with stream sockets or datagram sockets without it.
+    Errors: ``UsageError`` for ``--bind``, ``--unix`` or ``--reuse-port`` (the manager
+    decides where to listen, and binds), and for ``--udp`` with stream sockets or datagram
+    sockets without it.
     """
-    if options.bind or options.unix:
-        option = "--bind" if options.bind else "--unix"
+    if options.bind or options.unix or options.reuse_port:
+        option = "--bind" if options.bind else "--unix" if options.unix else "--reuse-port"
         raise UsageError(
             f"{option} cannot be used with socket activation (the service manager passes "
             f"LISTEN_FDS={len(inherited)}): drop {option}, or start without LISTEN_FDS"
@@ -601,6 +645,57 @@ def activated_endpoints(
     if not any(datagram) and options.udp:
         raise UsageError(f"{passes}: drop --udp")
     return [Endpoint(entry.socket.family, entry.socket.getsockname(), entry) for entry in inherited]
+
+
+def endpoints_of(options: argparse.Namespace) -> tuple[Endpoint, ...]:
+    """Where ``options`` ask to listen: every ``--bind``, then every ``--unix``.
+
+    Errors: ``UsageError`` for ``--reuse-port`` with a Unix socket or ``--udp`` (it only
+    shares TCP ports).
+    """
+    endpoints = list(options.bind)
+    endpoints += [Endpoint(socket.AF_UNIX, path) for path in options.unix]
+    if not endpoints:
+        endpoints.append(Endpoint(socket.AF_INET, (DEFAULT_HOST, DEFAULT_PORT)))
+    if options.reuse_port and options.udp:
+        raise UsageError(
+            "--reuse-port shares TCP ports only; with --udp every worker serves one shared socket"
+        )
+    if options.reuse_port and options.unix:
+        raise UsageError(
+            "--reuse-port shares TCP ports only, not Unix socket paths; drop --unix or --reuse-port"
+        )
+    return tuple(endpoints)
+
+
+# The options a supervisor (--workers) acts on itself: it binds the addresses (or, with
+# --reuse-port, gives each worker the address it bound) and serves the health endpoint.
+SUPERVISOR_OPTIONS = frozenset({"workers", "bind", "unix", "reuse_port", "health_bind"})
+
+
+def worker_arguments(options: argparse.Namespace) -> list[str]:
+    """The options a worker of ``--workers`` gets: all that were given but the supervisor's.
+
+    Written back from the parsed values (``str()`` of each), so an abbreviated or
+    ``--opt=value`` spelling reaches the worker in one canonical form.
+    """
+    arguments = []
+    # argparse keeps its options in a private list; it has kept it there since 2010.
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in SUPERVISOR_OPTIONS:
+            continue
+        value = getattr(options, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:
+            arguments.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                arguments += [flag, str(item)]
+        else:
+            arguments += [flag, str(value)]
+    return arguments
 
 
 _SERVER_CLASSES: dict[tuple[bool, bool, bool], type[TCPServer]] = {
@@ -649,4 +744,6 @@ def server_class(config: Config, endpoint: Endpoint) -> type[TCPServer]:
     if config.proxy_trusted is not None:
         settings["proxy_trusted"] = config.proxy_trusted
     settings["drain_delay"] = config.drain_delay
+    if config.reuse_port and endpoint.family != socket.AF_UNIX:
+        settings["allow_reuse_port"] = True
     return type(base.__name__, (base,), settings)

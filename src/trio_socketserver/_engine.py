@@ -402,6 +402,9 @@ class Engine:
     adopting_socket: bool = False
     """from_socket() is running server_bind() on a socket bound elsewhere: the families
     record its address instead of binding it, and a Unix socket file is not theirs."""
+    shared_socket: bool = False
+    """The server's socket was made elsewhere (from_socket()): it may be shared with other
+    processes, so its blocking mode is left alone once serving ends."""
     abandoned_threads: list[threading.Event] = attrs.Factory(list)
     _admissions: dict[trio.lowlevel.Task, CapacitySlot] = attrs.Factory(dict)
     """The place under the capacity limit of each request between get_request() and
@@ -612,7 +615,10 @@ class Engine:
         limiter = trio.CapacityLimiter(math.inf if limit is None else limit)
         # get_request() must not block the trio thread: the engine waits for readability
         # itself and treats BlockingIOError as "nothing yet". The socket's own mode is put
-        # back afterwards, for a caller that uses it blocking again.
+        # back afterwards, for a caller that uses it blocking again; not a socket made
+        # elsewhere (from_socket()): the mode belongs to the socket, shared by every process
+        # that holds it, and other processes may be serving it still (the workers of a
+        # supervisor: one put back to blocking would block the others' accepts).
         sock = getattr(server, "socket", None)
         saved_timeout = sock.gettimeout() if isinstance(sock, socket.socket) else None
         if isinstance(sock, socket.socket):
@@ -626,7 +632,7 @@ class Engine:
                 yield self._requests
         finally:
             self._requests = None
-            if isinstance(sock, socket.socket) and sock.fileno() != -1:
+            if isinstance(sock, socket.socket) and sock.fileno() != -1 and not self.shared_socket:
                 sock.settimeout(saved_timeout)
 
     def _request_limit(self) -> int | None:

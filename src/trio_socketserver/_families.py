@@ -90,7 +90,9 @@ class TCPServer(BaseServer):
         ``server_name`` there), but the socket is not bound again, its options are left as
         they are and a Unix socket file is not taken over (``socket_mode`` is not applied;
         ``server_close()`` does not remove it). :meth:`server_activate` is not called: the
-        socket listens already, with the backlog its creator chose.
+        socket listens already, with the backlog its creator chose. Serving makes it
+        non-blocking and leaves it so: other processes may serve the same socket, and its
+        blocking mode is theirs too.
 
         Works on every family and its threading, forking and compat variants
         (``compat.TCPServer.from_socket``, ``http.server.HTTPServer.from_socket`` under
@@ -116,6 +118,7 @@ class TCPServer(BaseServer):
         own.close()
         server.address_family = sock.family
         engine = engine_of(server)
+        engine.shared_socket = True
         engine.adopting_socket = True
         try:
             server.server_bind()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import http
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -18,8 +18,8 @@ import trio
 
 from ._families import TCPServer
 from ._handlers import StreamRequestHandler
-from ._server import BaseServer, ServerStatistics
-from ._signals import describe_server
+from ._server import LOGGER, BaseServer, ServerStatistics
+from ._signals import describe_address, describe_server
 
 # The request head (request line and headers) a probe may send: probes send a few hundred
 # bytes; more is not a probe, and bounding it bounds what one connection can hold.
@@ -148,6 +148,26 @@ def answer(request: HealthRequest, servers: Sequence[tuple[str, ServerStatistics
     else 503 naming the ones that are not ready. ``/metrics``: the Prometheus text. Any
     other path: 404; a method other than ``GET`` and ``HEAD``: 405.
     """
+    return route(
+        request,
+        lambda: [
+            f"{label} is {'draining' if stats.draining else 'not serving'}"
+            for label, stats in servers
+            if stats.draining or not stats.serving
+        ],
+        lambda: render_metrics(servers),
+    )
+
+
+def route(
+    request: HealthRequest,
+    not_ready: Callable[[], Sequence[str]],
+    metrics: Callable[[], str],
+) -> bytes:
+    """The response to ``request``: ``/live`` 200; ``/ready`` 200, or 503 with the reasons
+    ``not_ready()`` gives; ``/metrics`` the text ``metrics()`` renders; any other path 404; a
+    method other than ``GET`` and ``HEAD`` 405. What each endpoint reports on decides only
+    the reasons and the metrics (a supervisor reports on its workers)."""
     head_only = request.method == "HEAD"
     if request.method not in ("GET", "HEAD"):
         return render_response(
@@ -156,17 +176,13 @@ def answer(request: HealthRequest, servers: Sequence[tuple[str, ServerStatistics
     if request.path == "/live":
         return render_response(200, "live\n", head_only=head_only)
     if request.path == "/ready":
-        not_ready = [
-            f"{label} is {'draining' if stats.draining else 'not serving'}"
-            for label, stats in servers
-            if stats.draining or not stats.serving
-        ]
-        if not_ready:
-            return render_response(503, f"not ready: {'; '.join(not_ready)}\n", head_only=head_only)
+        reasons = not_ready()
+        if reasons:
+            return render_response(503, f"not ready: {'; '.join(reasons)}\n", head_only=head_only)
         return render_response(200, "ready\n", head_only=head_only)
     if request.path == "/metrics":
         return render_response(
-            200, render_metrics(servers), content_type=METRICS_CONTENT_TYPE, head_only=head_only
+            200, metrics(), content_type=METRICS_CONTENT_TYPE, head_only=head_only
         )
     return render_response(404, "not found: try /live, /ready or /metrics\n", head_only=head_only)
 
@@ -174,16 +190,29 @@ def answer(request: HealthRequest, servers: Sequence[tuple[str, ServerStatistics
 def render_metrics(servers: Sequence[tuple[str, ServerStatistics]]) -> str:
     """The Prometheus text format (0.0.4) of the servers' statistics, one series per server
     labelled ``server="tcp 127.0.0.1:8000"``."""
+    return render_statistics([({"server": label}, stats) for label, stats in servers])
+
+
+def render_statistics(series: Sequence[tuple[Mapping[str, str], ServerStatistics]]) -> str:
+    """The Prometheus text of statistics, one series per entry, with the entry's labels."""
     lines: list[str] = []
     for kind, metrics in (("counter", COUNTERS), ("gauge", GAUGES)):
         for suffix, field, help_text in metrics:
-            name = METRIC_PREFIX + suffix
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            lines += [
-                f'{name}{{server="{_label_value(label)}"}} {getattr(stats, field)}'
-                for label, stats in servers
-            ]
+            samples = [(labels, getattr(stats, field)) for labels, stats in series]
+            lines += render_metric(METRIC_PREFIX + suffix, kind, help_text, samples)
     return "\n".join(lines) + "\n"
+
+
+def render_metric(
+    name: str, kind: str, help_text: str, samples: Iterable[tuple[Mapping[str, str], int]]
+) -> list[str]:
+    """The lines of one metric: its ``# HELP`` and ``# TYPE`` lines, then a sample line per
+    label set."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        rendered = ",".join(f'{key}="{_label_value(text)}"' for key, text in labels.items())
+        lines.append(f"{name}{{{rendered}}} {value}" if rendered else f"{name} {value}")
+    return lines
 
 
 def _label_value(value: str) -> str:
@@ -194,7 +223,7 @@ def _label_value(value: str) -> str:
 class _HealthHandler(StreamRequestHandler):
     """One probe: read the request head, answer, close."""
 
-    server: HealthServer
+    server: ProbeServer
 
     async def handle(self) -> None:
         server = self.server
@@ -205,7 +234,7 @@ class _HealthHandler(StreamRequestHandler):
             if response:
                 await self.wfile.write(response)
 
-    async def _respond(self, server: HealthServer) -> bytes:
+    async def _respond(self, server: ProbeServer) -> bytes:
         head = b""
         try:
             while (request := parse_request(head, server.max_request_size)) is None:
@@ -215,11 +244,30 @@ class _HealthHandler(StreamRequestHandler):
                 head += data
         except BadRequest as exc:
             return render_response(exc.status, f"{exc}\n")
-        statistics = [(describe_server(s), s.statistics()) for s in server.servers]
-        return answer(request, statistics)
+        return server.respond(request)
 
 
-class HealthServer(TCPServer):
+class ProbeServer(TCPServer):
+    """What every health endpoint shares: the HTTP handling, its limits and defaults (see
+    :class:`HealthServer`). A subclass says what it reports on, in :meth:`respond`."""
+
+    allow_reuse_address = True
+    max_connections: int | None = 64
+    shutdown_grace: float | None = 1.0
+    request_timeout: float = 3.0
+    max_request_size: int = MAX_REQUEST_HEAD
+
+    def __init__(self, server_address: Any, bind_and_activate: bool = True) -> None:
+        if ":" in str(server_address[0]):
+            self.address_family = socket.AF_INET6
+        super().__init__(server_address, _HealthHandler, bind_and_activate)
+
+    def respond(self, request: HealthRequest) -> bytes:
+        """The whole response to ``request``, a parsed probe."""
+        raise NotImplementedError
+
+
+class HealthServer(ProbeServer):
     """An HTTP endpoint for health probes and metrics about ``servers``, on its own socket.
 
     ``GET /live``: 200 while the process runs. ``GET /ready``: 200 while every server is
@@ -263,12 +311,6 @@ class HealthServer(TCPServer):
     :class:`TCPServer`'s.
     """
 
-    allow_reuse_address = True
-    max_connections: int | None = 64
-    shutdown_grace: float | None = 1.0
-    request_timeout: float = 3.0
-    max_request_size: int = MAX_REQUEST_HEAD
-
     def __init__(
         self,
         server_address: Any,
@@ -279,6 +321,29 @@ class HealthServer(TCPServer):
         """The servers it reports on."""
         if not self.servers:
             raise ValueError("HealthServer needs at least one server to report on")
-        if ":" in str(server_address[0]):
-            self.address_family = socket.AF_INET6
-        super().__init__(server_address, _HealthHandler, bind_and_activate)
+        super().__init__(server_address, bind_and_activate)
+
+    def respond(self, request: HealthRequest) -> bytes:
+        return answer(request, [(describe_server(s), s.statistics()) for s in self.servers])
+
+
+async def serve_with_health(health: ProbeServer | None, serve: Callable[[], Awaitable[int]]) -> int:
+    """``await serve()`` with ``health`` (if any) answering from before it starts until it
+    has returned, so ``/ready`` is 503 while what it reports on starts and drains; returns
+    what ``serve()`` returns. Logs where the endpoint listens once it does.
+
+    Resource handling: ``health`` stays open (the caller closes it).
+    """
+    if health is None:
+        return await serve()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(health.serve_forever)
+        LOGGER.info(
+            "health endpoint on %s: GET /live, /ready, /metrics",
+            describe_address(
+                health.address_family, health.server_address, datagram=False, tls=False
+            ),
+        )
+        status = await serve()
+        health.shutdown()
+    return status

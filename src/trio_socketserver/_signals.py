@@ -14,7 +14,9 @@ from typing import Any
 import trio
 
 from ._notify import feed_watchdog, notify, watchdog_interval
-from ._server import LOGGER, BaseServer
+from ._server import LOGGER, BaseServer, ServerStatistics
+from ._workers import _reporting
+from ._workers._wire import ServerFigures
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -139,14 +141,25 @@ async def serve_until_signal(
                     ]
                     for line in serving_what:
                         LOGGER.info("%s (Ctrl-C to stop)", line)
+                    if _reporting.supervised():
+                        await watching.start(
+                            _reporting.report_statistics, lambda: _figures(servers)
+                        )
                     if not stopping_announced:  # else a stop began during startup
                         await notify("READY=1", "STATUS=" + "; ".join(serving_what))
                     task_status.started()
             watching.cancel_scope.cancel()
+    if _reporting.supervised():
+        await _reporting.send_statistics(_figures(servers))  # the stop report's figures
     for index, server in enumerate(servers):
         began = drain_began.get(index)
-        _report(server, None if began is None else stopped_at[index] - began)
+        elapsed = None if began is None else stopped_at[index] - began
+        report_stop(describe_server(server), server.statistics(), elapsed)
     return forced_exit_status(forced_by[0]) if forced_by else 0
+
+
+def _figures(servers: tuple[BaseServer, ...]) -> list[ServerFigures]:
+    return [ServerFigures(describe_server(server), server.statistics()) for server in servers]
 
 
 def _handler_name(server: BaseServer) -> str:
@@ -170,20 +183,24 @@ def _grace(servers: tuple[BaseServer, ...]) -> str:
     return f"{max(g for g in graces if g is not None)} s"
 
 
-def _report(server: BaseServer, elapsed: float | None) -> None:
-    """Log what the stop cost: requests that finished, failed (the handler raised), were
-    cut short by the stop or refused, and the seconds from the start of its drain to the
-    end of its serve_forever() (``elapsed``; None after a hard stop with no drain)."""
-    stats = server.statistics()
+def report_stop(
+    where: str, stats: ServerStatistics, elapsed: float | None, *, note: str = ""
+) -> None:
+    """Log what the stop of the server on ``where`` cost: requests that finished, failed
+    (the handler raised), were cut short by the stop or refused, and the seconds from the
+    start of its drain to the end of its serve_forever() (``elapsed``; None after a hard
+    stop with no drain); ``note`` is appended (the supervisor of several workers says over
+    how many it summed)."""
     took = "" if elapsed is None else f" in {elapsed:.2f} s"
     LOGGER.info(
-        "stopped serving on %s%s: requests finished: %d, failed: %d, cut short: %d, refused: %d",
-        describe_server(server),
+        "stopped serving on %s%s: requests finished: %d, failed: %d, cut short: %d, refused: %d%s",
+        where,
         took,
         stats.finished_requests,
         stats.failed_requests,
         stats.cancelled_requests,
         stats.refused_requests,
+        note,
     )
 
 
