@@ -13,13 +13,17 @@
 # the peer's next message has already arrived in the kernel (it is then served). A read already
 # waiting at a boundary when the grace begins is woken: a trio task through
 # trio.lowlevel.notify_closing (its wait ends, the socket stays as it is), a sync handler's
-# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread (and one
-# that cannot be undone: a thread whose next message has already arrived is left to read it).
-# The hot path pays no cancel scope: only a set insertion around a read that waits.
+# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread. A
+# shutdown cannot be undone, and a message half read when it comes would end in a false EOF:
+# so a sync handler's thread waits for the next message with a peek (MSG_PEEK consumes
+# nothing), and under the drain's lock either it claims the message (then it is not woken)
+# or the drain ends the wait (then the message, untouched, is never read). The hot path pays
+# no cancel scope: only a set insertion around a read that waits (and a peek for threads).
 from __future__ import annotations
 
 import socket
 import ssl
+import threading
 from typing import Any, Literal
 
 import attrs
@@ -34,6 +38,8 @@ class Drain:
     """The grace period has begun: reads at a message boundary return end-of-file."""
     waiting: set[Exchange] = attrs.Factory(set)
     """Connections whose handler is waiting at a message boundary right now."""
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    """Decides, for a sync handler's thread, between its next message and the drain."""
 
     def close_idle(self) -> None:
         """Start the grace period: wake every connection waiting at a message boundary.
@@ -60,6 +66,8 @@ class Exchange:
     """Something arrived since the connection opened."""
     replied: bool = False
     """The handler wrote since the last bytes arrived."""
+    ended: bool = False
+    """The drain shut the reading side of a sync handler's socket down."""
 
     @property
     def at_boundary(self) -> bool:
@@ -90,16 +98,37 @@ class Exchange:
         if not self.threaded:
             trio.lowlevel.notify_closing(self.socket)
             return
-        if self._data_arrived():
-            # The thread is about to return with the peer's next message: a shutdown now
-            # would make the rest of that message read as end-of-file.
-            return
+        with self.drain.lock:
+            # Still waiting, and its next message has not begun to arrive (the thread only
+            # peeks while it waits, so an arrived message is still in the kernel).
+            if self not in self.drain.waiting or self._data_arrived():
+                return
+            self.ended = True
+            try:
+                # The plain socket's method, also under TLS: ssl.SSLSocket's own would end
+                # the TLS session under the reading thread.
+                socket.socket.shutdown(self.socket, socket.SHUT_RD)
+            except OSError:
+                pass  # closed or reset already: its wait returns at once anyway
+
+    def wait_for_next_message(self) -> bool:
+        """A sync handler's thread at a message boundary: wait until the peer's next
+        message arrives, without taking any of it. False: end-of-file instead (the drain
+        ended the wait, the grace had begun with nothing arrived, or the peer closed)."""
+        drain = self.drain
+        drain.waiting.add(self)
         try:
-            # The plain socket's method, also under TLS: ssl.SSLSocket's own would end the
-            # TLS session under the reading thread.
-            socket.socket.shutdown(self.socket, socket.SHUT_RD)
-        except OSError:
-            pass  # closed or reset already: its read returns at once anyway
+            if drain.closing:
+                return self._data_arrived()
+            if not (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending()):
+                # Honours the socket's timeout, as the read would (TimeoutError).
+                arrived = socket.socket.recv(self.socket, 1, socket.MSG_PEEK)
+                if not arrived:
+                    return False
+        finally:
+            with drain.lock:
+                drain.waiting.discard(self)
+        return not self.ended
 
     def _data_arrived(self) -> bool:
         if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
@@ -123,22 +152,10 @@ class BoundarySocketIO(socket.SocketIO):
         self._exchange = exchange
 
     def readinto(self, b: Any) -> int | None:
-        # Every read of a sync handler's rfile passes here, so Exchange's at_boundary,
-        # start_waiting() and stop_waiting() are spelled out: four calls fewer per read.
         exchange = self._exchange
-        if exchange.received and exchange.replied:  # at a message boundary
-            drain = exchange.drain
-            drain.waiting.add(exchange)
-            if drain.closing:
-                drain.waiting.discard(exchange)
-                if not exchange._data_arrived():
-                    return 0
-            try:
-                n = socket.SocketIO.readinto(self, b)
-            finally:
-                drain.waiting.discard(exchange)
-        else:
-            n = socket.SocketIO.readinto(self, b)
+        if exchange.received and exchange.replied and not exchange.wait_for_next_message():
+            return 0
+        n = socket.SocketIO.readinto(self, b)
         if n:
             exchange.received = True
             exchange.replied = False
