@@ -398,3 +398,27 @@ async def test_access_log_is_one_line_per_request_once_enabled(
     [line] = [r.getMessage() for r in caplog.records if r.name == access.name]
     assert " finished in " in line
     assert line.endswith("7 bytes in, 7 bytes out")
+
+
+async def test_process_request_outside_the_serve_loop_is_a_clear_error() -> None:
+    # The capacity place of a request belongs to the task that admitted it: a handler (or
+    # any other task) calling process_request() has none to hand over.
+    errors: list[BaseException] = []
+
+    class Reentrant(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            try:
+                self.server.process_request(self.request, self.client_address)
+            except RuntimeError as error:
+                errors.append(error)
+            await self.wfile.write(b"done\n")
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Reentrant)) as server:
+            async with await connect(server) as client:
+                assert await receive_line(client) == b"done\n"
+            with pytest.raises(RuntimeError, match="only when the serve loop calls it"):
+                server.process_request(None, None)
+    assert [str(e) for e in errors] == [
+        "process_request() starts a request only when the serve loop calls it"
+    ]

@@ -76,6 +76,69 @@ async def test_async_handler_sees_trio_objects() -> None:
     assert isinstance(seen["wfile"], ts.StreamWriter)
 
 
+async def test_request_and_wfile_write_to_the_same_connection_in_order() -> None:
+    # self.request is made when the handler first asks for it (most handlers never do): it
+    # must be the very connection rfile/wfile use, with what was sent before it in order.
+    class Mixed(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            line = await self.rfile.readline()
+            await self.wfile.write(b"wfile " + line)
+            await self.request.send_all(b"request " + line)
+            await self.wfile.write(b"wfile again\n")
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Mixed)) as server:
+            assert await exchange(server, b"one\n") == b"wfile one\nrequest one\nwfile again\n"
+
+
+@pytest.mark.parametrize("override", ["finish_request", "handler __init__"])
+async def test_overrides_that_see_the_request_get_the_trio_stream(override: str) -> None:
+    seen: list[Any] = []
+
+    class Echo(ts.StreamRequestHandler):
+        async def handle(self) -> None:
+            seen.append(self.request)
+            await self.wfile.write(await self.rfile.readline())
+
+    class OwnInit(Echo):
+        def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+            seen.append(request)
+            super().__init__(request, client_address, server)
+
+    class OwnFinishRequest(ts.TCPServer):
+        def finish_request(self, request: Any, client_address: Any) -> Any:
+            seen.append(request)
+            return super().finish_request(request, client_address)
+
+    if override == "finish_request":
+        server_class, handler_class = OwnFinishRequest, Echo
+    else:
+        server_class, handler_class = ts.TCPServer, OwnInit
+    with trio.fail_after(5):
+        async with serving(server_class(LOCALHOST, handler_class)) as server:
+            assert await exchange(server, b"ping\n") == b"ping\n"
+    assert len(seen) == 2
+    assert isinstance(seen[0], trio.SocketStream)
+    assert seen[1] is seen[0]
+
+
+async def test_a_handler_may_assign_self_request() -> None:
+    seen: list[Any] = []
+
+    class Replaced(ts.StreamRequestHandler):
+        async def setup(self) -> None:
+            await super().setup()
+            self.request = "mine"
+
+        async def handle(self) -> None:
+            seen.append(self.request)
+
+    with trio.fail_after(5):
+        async with serving(ts.TCPServer(LOCALHOST, Replaced)) as server:
+            await exchange(server, b"")
+    assert seen == ["mine"]
+
+
 async def test_each_async_handler_runs_in_its_own_task() -> None:
     blocked = trio.Event()
 

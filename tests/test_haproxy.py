@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 CLIENT_HOST = "127.0.0.2"
 # The documented configuration's ports, replaced by free ones.
 FRONTEND_PORT, INSTANCE_PORTS, HEALTH_PORTS = 8000, (8001, 8002, 8003), (9001, 9002, 9003)
-# Shorter than the documented 500 ms checks, so that a restart takes a fraction of a second;
-# the drain delay keeps the documented proportion (above inter x fall).
+# Shorter than the documented 500 ms checks (and one good check to come back, not two), so
+# that a restart takes a fraction of a second; the drain delay stays above inter x fall.
 CHECK_INTERVAL = "100ms"
 DRAIN_DELAY = "0.4"
 # Bounds only: a passing test never waits for them.
@@ -78,7 +78,9 @@ class HAProxy:
         config = config.replace(
             "global\n", f"global\n    stats socket {self.admin} level admin\n", 1
         )
-        config = config.replace("inter 500ms", f"inter {CHECK_INTERVAL}")
+        config = config.replace(
+            "inter 500ms fall 1 rise 2", f"inter {CHECK_INTERVAL} fall 1 rise 1"
+        )
         path = directory / "haproxy.cfg"
         path.write_text(config)
         self.proc = subprocess.Popen(
@@ -373,8 +375,10 @@ def test_rolling_restart_of_http_server_instances_behind_haproxy_fails_no_reques
     ports = Ports()
     config = ports.apply(documented_config("# haproxy.cfg: http.server instances"))
     program = tmp_path / "instance.py"
+    documented = documented_program("class Server(http.server.ThreadingHTTPServer)")
+    assert "drain_delay = 2.0" in documented  # shortened like the checks: see CHECK_INTERVAL
     program.write_text(
-        documented_program("class Server(http.server.ThreadingHTTPServer)")
+        documented.replace("drain_delay = 2.0", f"drain_delay = {DRAIN_DELAY}")
         + "\n\nimport sys\n\nserve(int(sys.argv[1]), int(sys.argv[2]))\n"
     )
     (tmp_path / "hello.txt").write_bytes(b"hello")

@@ -123,18 +123,25 @@ class BoundarySocketIO(socket.SocketIO):
         self._exchange = exchange
 
     def readinto(self, b: Any) -> int | None:
+        # Every read of a sync handler's rfile passes here, so Exchange's at_boundary,
+        # start_waiting() and stop_waiting() are spelled out: four calls fewer per read.
         exchange = self._exchange
-        if not exchange.at_boundary:
-            n = super().readinto(b)
-            exchange.received_data(n)
-            return n
-        if not exchange.start_waiting():
-            return 0
-        n = None
-        try:
-            n = super().readinto(b)
-        finally:
-            exchange.stop_waiting(n)
+        if exchange.received and exchange.replied:  # at a message boundary
+            drain = exchange.drain
+            drain.waiting.add(exchange)
+            if drain.closing:
+                drain.waiting.discard(exchange)
+                if not exchange._data_arrived():
+                    return 0
+            try:
+                n = socket.SocketIO.readinto(self, b)
+            finally:
+                drain.waiting.discard(exchange)
+        else:
+            n = socket.SocketIO.readinto(self, b)
+        if n:
+            exchange.received = True
+            exchange.replied = False
         return n
 
     def write(self, b: Any) -> int | None:

@@ -6,6 +6,7 @@
 # how a sync request runs on a thread in _threading.py; the socket stream in _socket_stream.py.
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import functools
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -44,6 +45,10 @@ LOGGER = logging.getLogger("trio_socketserver")
 # application whose root logger is at INFO does not start logging every request (a blocking
 # logging handler, e.g. an HTTPHandler, would then run on the trio thread for each one).
 ACCESS_LOG = logging.getLogger("trio_socketserver.access")
+# The families whose sockets have TCP options (Nagle, TCP_NOTSENT_LOWAT).
+TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# What trio.SocketStream sets TCP_NOTSENT_LOWAT to, where the platform has it.
+NOTSENT_LOWAT_BYTES = 2**14
 
 
 def _access_log_enabled() -> bool:
@@ -83,9 +88,25 @@ BACKLOG_LIMIT = 4096
 # How long shutdown_request() may take once a stop has cut its request: long enough for an
 # async override to close the connection, short enough not to hold a hard stop.
 END_REQUEST_TIMEOUT = 1.0
-# What a request runs in when the server has no request_deadline (the default): a cancel scope
-# would cost every request a few microseconds for nothing. Reusable: it holds no state.
-_NO_DEADLINE = nullcontext()
+
+
+class _NoDeadline:
+    """What a request runs in when the server has no request_deadline (the default): a
+    cancel scope would cost every request a few microseconds for nothing. Reusable: it holds
+    no state. Its methods are static because a ``with`` block keeps its manager's bound
+    ``__exit__`` for as long as the block runs, a new object held by every idle connection,
+    where a static method is the function itself."""
+
+    @staticmethod
+    def __enter__() -> None:
+        return None
+
+    @staticmethod
+    def __exit__(*exc_info: object) -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
 # The handler attributes that bound one rfile/wfile call of an async handler; a sync handler
 # reads and writes with the stdlib's file objects, which they cannot bound.
 NATIVE_DEADLINES = ("read_deadline", "write_deadline")
@@ -103,8 +124,9 @@ SYNC_REQUEST_HOOKS = (
 async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     """Call a hook that may be sync or async, and return its result."""
     result = hook(*args)
-    # Most hooks are sync and return None or a bool: skip the (slow) Awaitable ABC check.
-    if result is None or result is True or result is False:
+    # Most hooks are sync and return None, a bool or (get_request) a tuple: skip the (slow)
+    # Awaitable ABC check.
+    if result is None or result is True or result is False or type(result) is tuple:
         return result
     if inspect.isawaitable(result):
         return await result
@@ -182,16 +204,63 @@ class ServerStatistics:
 
 @attrs.define(eq=False)
 class Connection:
-    """What the engine made of one async stream request: what the handler sees as
-    ``self.request``, and the stream its rfile/wfile use (the fast socket stream under a
-    plain connection; the TLS stream itself with TLS)."""
+    """What the engine made of one async stream request: the stream its rfile/wfile use
+    (``io``: the fast socket stream under a plain connection, the TLS stream itself with TLS)
+    and what the handler sees as ``self.request``.
 
-    request: trio.abc.Stream
+    A plain connection's ``request`` (a ``trio.SocketStream``) is made the first time
+    something asks for it. A handler that only reads and writes its rfile and wfile never
+    does, and making one costs every connection three objects and three socket options (it
+    turns Nagle off, then the handler's setup() puts it back as ``disable_nagle_algorithm``
+    says). Until then the socket has what the stream would have given it, except Nagle,
+    which is as the handler asked. See BaseRequestHandler.__init__ for how a handler gets its
+    ``self.request`` from here.
+    """
+
+    sock: socket.socket
     io: trio.abc.Stream
+    _request: trio.abc.Stream | None = None
+    nodelay: bool | None = None
+    """What the handler's setup() set TCP_NODELAY to (None: it did not), restored after the
+    request stream is made, since trio.SocketStream turns Nagle off."""
+
+    @classmethod
+    def plain(cls, sock: socket.socket) -> Connection:
+        connection = cls(sock, SocketFastStream(sock))
+        # trio.SocketStream's other default, which the fast stream's sends rely on as much:
+        # a send waits for the peer once 16 KiB are unsent, rather than buffer megabytes.
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            with contextlib.suppress(OSError):  # not a TCP socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+        return connection
+
+    @property
+    def request(self) -> trio.abc.Stream:
+        """The handler's ``self.request``, made now if it was not yet."""
+        request = self._request
+        if request is None:
+            request = self._request = trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
+            if self.nodelay is not None:
+                self.set_nodelay(self.nodelay)
+        return request
+
+    def set_nodelay(self, nodelay: bool) -> None:
+        """TCP_NODELAY as a stream handler's ``disable_nagle_algorithm`` says (TCP only);
+        kept if the request stream is made later."""
+        self.nodelay = nodelay
+        set_nodelay(self.sock, nodelay)
 
 
-# The connection of the request the current task handles. A context variable, because each
-# request runs in its own task and the stdlib's hook signatures have no room for it.
+def set_nodelay(sock: trio.socket.SocketType | socket.socket | None, nodelay: bool) -> None:
+    """TCP_NODELAY on ``sock`` if it is a TCP socket (there is no Nagle elsewhere)."""
+    if sock is not None and sock.family in TCP_FAMILIES:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+
+
+# The connection of the request the current task handles, when its handler got the request
+# stream itself (see Engine._run_request): how its rfile/wfile find the fast stream under it.
+# A context variable, because each request runs in its own task and the stdlib's hook
+# signatures have no room for it.
 _connection: contextvars.ContextVar[Connection] = contextvars.ContextVar(
     "trio_socketserver_connection"
 )
@@ -199,12 +268,26 @@ _connection: contextvars.ContextVar[Connection] = contextvars.ContextVar(
 
 def io_stream_for(request: object) -> Any:
     """The stream a stream handler's rfile/wfile should use for ``request``: the engine's
-    fast stream when ``request`` is the connection the engine made for this task, else
-    ``request`` itself (a hook substituted its own, or a test passed a memory stream)."""
+    fast stream when ``request`` is the connection the engine made for this task (or that
+    connection itself), else ``request`` itself (a hook substituted its own, or a test passed
+    a memory stream)."""
+    if isinstance(request, Connection):
+        return request.io
     connection = _connection.get(None)
     if connection is not None and connection.request is request:
         return connection.io
     return request
+
+
+@functools.cache
+def _lazy_request_defaults() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """BaseServer.finish_request and BaseRequestHandler.__init__ (see
+    Engine._passes_connection); imported here, late, since their modules are built on this
+    one."""
+    from ._handlers import BaseRequestHandler
+    from ._server import BaseServer
+
+    return BaseServer.finish_request, BaseRequestHandler.__init__
 
 
 def drain_exchange(server: object, request: object) -> Exchange | None:
@@ -297,22 +380,6 @@ class _Requests:
     request_deadline: float | None  # validated once per run, like the capacity limit
 
 
-@attrs.define(eq=False)
-class _Admission:
-    """A request between get_request() and process_request(): its place under the capacity
-    limit, until process_request() hands it to the request's task (see start_request)."""
-
-    slot: CapacitySlot | None
-
-
-# The admission of the request whose verify_request()/process_request() the current task is
-# in. A context variable: with the PROXY protocol each connection is admitted in its own task,
-# so several admissions may be under way at once (an async verify_request() awaits).
-_admission: contextvars.ContextVar[_Admission | None] = contextvars.ContextVar(
-    "trio_socketserver_admission", default=None
-)
-
-
 # A request's body, run by start_request(): returns whether the request failed.
 RequestRunner = Callable[[CapacitySlot, Any, Any], Awaitable[bool]]
 
@@ -339,6 +406,13 @@ class Engine:
     """The server's socket was made elsewhere (from_socket()): it may be shared with other
     processes, so its blocking mode is left alone once serving ends."""
     abandoned_threads: list[threading.Event] = attrs.Factory(list)
+    _admissions: dict[trio.lowlevel.Task, CapacitySlot] = attrs.Factory(dict)
+    """The place under the capacity limit of each request between get_request() and
+    process_request(), until process_request() hands it to the request's task (see
+    start_request); keyed by the task that admits it: the serve loop's, one request after
+    another, or with the PROXY protocol each connection's own, several at once. Not a context
+    variable: each request's task would inherit it, and hold it (in a context of its own)
+    for as long as its connection lives."""
     _trio_socket: trio.socket.SocketType | None = None
     _capacity_warning: RateLimitedWarning = attrs.Factory(RateLimitedWarning)
     _accepted: int = 0
@@ -657,8 +731,8 @@ class Engine:
     ) -> None:
         """verify_request, then process_request; gives the slot back if no task took it."""
         server = self.server
-        admission = _Admission(slot)
-        token = _admission.set(admission)
+        task = trio.lowlevel.current_task()
+        self._admissions[task] = slot
         try:
             try:
                 verified = await call_hook(server.verify_request, request, client_address)
@@ -676,9 +750,7 @@ class Engine:
             await self.report_error(request, client_address)
             await self.end_request(request, client_address)
         finally:
-            _admission.reset(token)
-            if admission.slot is not None:
-                admission.slot = None
+            if self._admissions.pop(task, None) is not None:
                 slot.give_back()
 
     async def _get_request(self, requests: _Requests) -> tuple[Any, Any]:
@@ -727,12 +799,11 @@ class Engine:
         """Start handling the request in its own task (``runner``, or the engine's own
         way: an async handler in the task, a sync one on a thread); returns at once."""
         requests = self._requests
-        admission = _admission.get()
-        if requests is None or admission is None or admission.slot is None:
+        slot = self._admissions.pop(trio.lowlevel.current_task(), None)
+        if requests is None or slot is None:
             raise RuntimeError(
                 "process_request() starts a request only when the serve loop calls it"
             )
-        slot, admission.slot = admission.slot, None
         requests.nursery.start_soon(
             self._run_request,
             slot,
@@ -768,13 +839,13 @@ class Engine:
                     # that each idle connection holds for as long as it lives.
                     failed = False
                     try:
-                        connection = self._open_connection(request)
-                        running = self.server.finish_request(
-                            self.async_request(request)
-                            if connection is None
-                            else connection.request,
-                            client_address,
-                        )
+                        lazy = self._passes_connection()
+                        connection = self._open_connection(request, lazy)
+                        if connection is None:
+                            handler_request = self.async_request(request)
+                        else:
+                            handler_request = connection if lazy else connection.request
+                        running = self.server.finish_request(handler_request, client_address)
                         if inspect.isawaitable(running):
                             await running
                     except Exception:
@@ -803,28 +874,50 @@ class Engine:
             if _access_log_enabled():
                 _log_access(client_address, outcome, trio.current_time() - started, connection)
 
-    def _open_connection(self, request: Any) -> Connection | None:
+    def _open_connection(self, request: Any, lazy: bool) -> Connection | None:
         """Make the trio objects an async handler gets; None when the request stays as it
-        is (a datagram's request is converted in place, see async_request)."""
+        is (a datagram's request is converted in place, see async_request).
+
+        ``lazy``: the handler gets the Connection itself (see _passes_connection), so a plain
+        connection's request stream is made on first use; otherwise it gets the stream, and
+        the connection is left where its rfile/wfile find it (``_connection``).
+        """
         if not isinstance(request, socket.socket) or request.type != socket.SOCK_STREAM:
             return None
-        fast = SocketFastStream(request)
         server = self.server
         context = None if self.stdlib_manners else getattr(server, "ssl_context", None)
-        if context is None:
-            token = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(request)), fast)
-            _connection.set(token)
-            return token
-        # The handshake happens on the handler's first read or write, bounded by its timeout.
-        tls = trio.SSLStream(
-            fast,
-            context,
-            server_side=True,
-            https_compatible=getattr(server, "https_compatible", False),
+        if context is not None:
+            # The handshake happens on the handler's first read or write, bounded by its
+            # timeout.
+            tls = trio.SSLStream(
+                SocketFastStream(request),
+                context,
+                server_side=True,
+                https_compatible=getattr(server, "https_compatible", False),
+            )
+            connection = Connection(request, tls, tls)
+        # trio.socket.from_stdlib_socket() takes a plain socket.socket only: another kind
+        # fails here, as it always did, not in the handler.
+        elif lazy and type(request) is socket.socket:
+            return Connection.plain(request)
+        else:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(request))
+            connection = Connection(request, SocketFastStream(request), stream)
+        if not lazy:
+            _connection.set(connection)
+        return connection
+
+    def _passes_connection(self) -> bool:
+        """Whether finish_request() gets the Connection rather than the request stream: when
+        it is BaseServer's, which gives it to the handler class, and that class's __init__
+        is BaseRequestHandler's, which makes ``self.request`` from it on first use. A
+        subclass's own finish_request() or __init__ gets the stream, as documented."""
+        finish_request, handler_init = _lazy_request_defaults()
+        server = self.server
+        return (
+            getattr(server.finish_request, "__func__", None) is finish_request
+            and getattr(server.RequestHandlerClass, "__init__", None) is handler_init
         )
-        token = Connection(tls, tls)
-        _connection.set(token)
-        return token
 
     def async_request(self, request: Any) -> Any:
         """What an async handler's ``self.request`` is for a datagram request: the data and
@@ -988,14 +1081,11 @@ class Engine:
         run = self.run
         if run is None:
             return None
-        connection = _connection.get(None)
-        if connection is not None and connection.request is request:
-            io: Any = connection.io
-            if isinstance(io, trio.SSLStream):
-                io = io.transport_stream
-            return Exchange(run.drain, io.socket, threaded=False)
         if isinstance(request, socket.socket):
             return Exchange(run.drain, request, threaded=True)
+        connection = request if isinstance(request, Connection) else _connection.get(None)
+        if connection is not None and (connection is request or connection.request is request):
+            return Exchange(run.drain, connection.sock, threaded=False)
         return None
 
     def stop_serving(self) -> None:
@@ -1041,17 +1131,15 @@ def _on_own_thread(process_request_thread: Callable[[Any, Any], None], *args: An
     ``threading.excepthook`` and ends that request only, as it ends only its thread in the
     stdlib. Returns whether the request failed.
     """
-    with record_failure() as outcome:
-        try:
-            process_request_thread(*args)
-        except BaseException:
-            outcome.failed = True
-            exc_type, exc, traceback = sys.exc_info()
-            threading.excepthook(
-                threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
-            )
-            del exc, traceback  # break the frame <-> traceback cycle
-    return outcome.failed
+    try:
+        return record_failure(process_request_thread, *args)
+    except BaseException:
+        exc_type, exc, traceback = sys.exc_info()
+        threading.excepthook(
+            threading.ExceptHookArgs([exc_type, exc, traceback, threading.current_thread()])
+        )
+        del exc, traceback  # break the frame <-> traceback cycle
+        return True
 
 
 @attrs.define(eq=False)

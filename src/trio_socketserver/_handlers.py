@@ -13,7 +13,15 @@ from typing import Any, Literal
 import trio
 
 from ._drain import BoundarySocketIO, Exchange
-from ._engine import call_hook, drain_exchange, io_stream_for, is_async_handler
+from ._engine import (
+    TCP_FAMILIES,
+    Connection,
+    call_hook,
+    drain_exchange,
+    io_stream_for,
+    is_async_handler,
+    set_nodelay,
+)
 from ._proxy import ProxyHeader, current_proxy_header
 from ._socket_stream import SocketFastStream
 from ._streams import StreamReader, StreamWriter
@@ -21,8 +29,30 @@ from ._streams import StreamReader, StreamWriter
 # How long finishing a connection may spend sending TLS's close_notify: a
 # peer that stopped reading must not hold the handler task past its end.
 TLS_CLOSE_TIMEOUT = 1.0
-# The families whose sockets have TCP_NODELAY (disable_nagle_algorithm).
-_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# Where BaseRequestHandler.__init__ keeps the engine's Connection (its name-mangled
+# ``self.__connection``), for _RequestOnFirstUse and StreamRequestHandler to find.
+_CONNECTION = "_BaseRequestHandler__connection"
+
+
+class _RequestOnFirstUse:
+    """``self.request`` (and a stream handler's ``self.connection``) of a handler that was
+    given the engine's Connection: asked for the first time, the connection makes its
+    request stream, which from then on is a plain instance attribute. (No ``__set__``: a
+    value in the instance always wins, so assigning ``self.request`` works as ever.)"""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, handler: object, owner: type | None = None) -> Any:
+        if handler is None:
+            return self
+        connection: Connection | None = handler.__dict__.get(_CONNECTION)
+        if connection is None:
+            raise AttributeError(
+                f"{type(handler).__name__!r} object has no attribute {self._name!r}"
+            )
+        request = handler.__dict__[self._name] = connection.request
+        return request
 
 
 class BaseRequestHandler:
@@ -39,10 +69,16 @@ class BaseRequestHandler:
     the stdlib.
     """
 
+    request: Any = _RequestOnFirstUse()
     proxy_header: ProxyHeader | None
 
     def __init__(self, request: Any, client_address: Any, server: Any) -> None:
-        self.request = request
+        if type(request) is Connection:
+            # From the engine, through BaseServer.finish_request(): self.request is made
+            # when first asked for (see Connection), most handlers never do.
+            self.__connection = request
+        else:
+            self.request = request
         self.client_address = client_address
         self.server = server
         self.proxy_header = current_proxy_header()
@@ -137,15 +173,24 @@ class StreamRequestHandler(BaseRequestHandler):
     write_deadline: float | None = None
     disable_nagle_algorithm: bool = False
 
+    connection: Any = _RequestOnFirstUse()
     rfile: Any
     wfile: Any
 
     def setup(self) -> Any:
-        self.connection = self.request
         if is_async_handler(type(self)):
-            self.__set_nodelay(_socket_of(self.request))
-            io = io_stream_for(self.request)
-            exchange = drain_exchange(self.server, self.request)
+            connection: Connection | None = self.__dict__.get(_CONNECTION)
+            if connection is None:
+                self.connection = self.request
+                # trio.SocketStream turns Nagle off for every TCP stream; put it back
+                # unless the handler asked for it off, as its attribute says.
+                set_nodelay(_socket_of(self.request), self.disable_nagle_algorithm)
+                io = io_stream_for(self.request)
+                exchange = drain_exchange(self.server, self.request)
+            else:
+                connection.set_nodelay(self.disable_nagle_algorithm)
+                io = connection.io
+                exchange = drain_exchange(self.server, connection)
             self.rfile = StreamReader(
                 io, self.rbufsize, self.timeout, exchange, deadline=self.read_deadline
             )
@@ -153,11 +198,12 @@ class StreamRequestHandler(BaseRequestHandler):
                 io, self.wbufsize, self.timeout, exchange, deadline=self.write_deadline
             )
             return _DONE
+        self.connection = self.request
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
         # Only TCP has Nagle: on a Unix socket the option would fail every request (as the
         # async path, it is skipped there, so one handler class serves both families).
-        if self.disable_nagle_algorithm and self.connection.family in _TCP_FAMILIES:
+        if self.disable_nagle_algorithm and self.connection.family in TCP_FAMILIES:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         exchange = drain_exchange(self.server, self.connection)
         self.rfile = _socket_file(self.connection, "rb", self.rbufsize, exchange)
@@ -166,12 +212,6 @@ class StreamRequestHandler(BaseRequestHandler):
         else:
             self.wfile = _socket_file(self.connection, "wb", self.wbufsize, exchange)
         return None
-
-    def __set_nodelay(self, sock: trio.socket.SocketType | socket.socket | None) -> None:
-        # trio.SocketStream turns Nagle off for every TCP stream; put it back
-        # unless the handler asked for it off, as its attribute says.
-        if sock is not None and sock.family in _TCP_FAMILIES:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, self.disable_nagle_algorithm)
 
     def finish(self) -> Any:
         if is_async_handler(type(self)):
@@ -190,11 +230,15 @@ class StreamRequestHandler(BaseRequestHandler):
             await self.wfile.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
             pass  # the peer is gone or stuck; the server closes the connection next
-        if isinstance(self.request, trio.SSLStream):
+        # The engine's Connection, if it gave one, holds the TLS stream as its io; asking
+        # self.request instead would make a plain connection's request stream for nothing.
+        connection: Connection | None = self.__dict__.get(_CONNECTION)
+        tls = self.request if connection is None else connection.io
+        if isinstance(tls, trio.SSLStream):
             with trio.move_on_after(TLS_CLOSE_TIMEOUT) as scope:
-                await self.request.aclose()
+                await tls.aclose()
             if scope.cancelled_caught:
-                await trio.aclose_forcefully(self.request)
+                await trio.aclose_forcefully(tls)
 
 
 def _socket_of(stream: Any) -> trio.socket.SocketType | socket.socket | None:

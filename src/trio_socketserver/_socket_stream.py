@@ -15,34 +15,17 @@ import trio
 DEFAULT_RECEIVE_SIZE = 65536
 
 
-class _Busy:
-    """trio's conflict detector: two tasks may not use one direction of a stream at once."""
-
-    __slots__ = ("_active", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._active = False
-
-    def __enter__(self) -> None:
-        if self._active:
-            raise trio.BusyResourceError(self._message)
-        self._active = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._active = False
-
-
 class SocketFastStream(trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` on a connected stdlib socket.
 
     Same behaviour as :class:`trio.SocketStream` on that socket, faster:
 
-    - ``receive_some`` calls ``recv()`` first and registers a wait with the kernel only when
-      nothing is there.
-    - ``send_all`` yields once the data is handed to the kernel, so by the time the task runs
-      again its peer has usually answered and the next receive finds data instead of
-      registering a wait (what makes request/response traffic cheap).
+    - ``receive_some`` takes its checkpoint first, then calls ``recv()``, and registers a
+      wait with the kernel only when nothing is there.
+    - ``send_all`` yields once the data is handed to the kernel. With the receive's own
+      yield before its ``recv()``, the peer has two turns of the scheduler to answer, and
+      the next receive usually finds data instead of registering a wait (what makes
+      request/response traffic cheap).
 
     ``bytes_received`` and ``bytes_sent`` count what crossed this stream.
 
@@ -62,7 +45,9 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
       :meth:`aclose` closes the socket.
     """
 
-    # Every idle connection holds one: no per-instance dict.
+    # Every idle connection holds one: no per-instance dict. The conflict detector of each
+    # direction is a flag (trio's ConflictDetector is an object and a `with` block, which
+    # a waiting receive would hold for as long as the peer is idle).
     __slots__ = ("_eof_sent", "_receiving", "_sending", "bytes_received", "bytes_sent", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
@@ -71,31 +56,35 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
         self.bytes_received = 0
         self.bytes_sent = 0
         self._eof_sent = False
-        self._receiving = _Busy("another task is already receiving on this connection")
-        self._sending = _Busy("another task is already sending on this connection")
+        self._receiving = False
+        self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes!r}")
-        with self._receiving:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this connection")
+        self._receiving = True
+        try:
+            # The checkpoint (a schedule point, and a cancel point before anything is taken
+            # from the kernel), then nothing between recv() and the return.
+            await trio.lowlevel.checkpoint()
             while True:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    data = self.socket.recv(max_bytes)
-                except BlockingIOError:
-                    pass  # wait below, outside the except block: see _wait
-                except OSError as exc:
-                    raise _stream_error(exc) from exc
-                else:
+                data = _receive(self.socket, max_bytes)
+                if data is not None:
                     self.bytes_received += len(data)
-                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 await self._wait(trio.lowlevel.wait_readable)
+        finally:
+            self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._sending:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             if self.socket.fileno() == -1:
                 raise trio.ClosedResourceError("the connection was already closed")
@@ -104,25 +93,30 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
             with memoryview(data) as view:
                 offset = 0
                 while offset < len(view):
-                    try:
-                        sent = self.socket.send(view[offset:])
-                    except BlockingIOError:
-                        pass  # wait below, outside the except block: see _wait
-                    except OSError as exc:
-                        raise _stream_error(exc) from exc
+                    sent = _send(self.socket, view[offset:] if offset else view)
+                    if sent is None:
+                        await self._wait(trio.lowlevel.wait_writable)
                     else:
                         offset += sent
                         self.bytes_sent += sent
-                        continue
-                    await self._wait(trio.lowlevel.wait_writable)
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._sending:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._sending = True
+        try:
             await self._wait(trio.lowlevel.wait_writable)
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
-        with self._sending:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._eof_sent:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -133,6 +127,8 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _stream_error(exc) from exc
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         if self.socket.fileno() != -1:
@@ -140,16 +136,37 @@ class SocketFastStream(trio.abc.HalfCloseableStream):
             self.socket.close()
         await trio.lowlevel.checkpoint()
 
-    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
-        # Called outside the ``except BlockingIOError`` block on purpose: waiting inside it
-        # would keep the exception and its traceback alive for as long as the peer is idle,
-        # about 0.5 KiB for every idle connection.
+    def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> Awaitable[None]:
+        """trio's wait for the socket, unless it is closed. A plain function returning the
+        awaitable, not a coroutine: every frame on the stack of an idle connection is
+        memory that connection holds. (If another task closes the socket meanwhile, trio's
+        wait raises ClosedResourceError, as trio.SocketStream's does.)"""
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("the connection was already closed")
-        try:
-            await wait(self.socket)
-        except trio.ClosedResourceError:
-            raise trio.ClosedResourceError("the connection was closed while waiting") from None
+        return wait(self.socket)
+
+
+# recv() and send() in functions of their own that return None for "would block": an
+# exception raised inside a coroutine gives its frame a frame object for the rest of its life
+# (about 0.2 KiB), and a receive that waits lives as long as its peer is idle.
+
+
+def _receive(sock: socket.socket, max_bytes: int) -> bytes | None:
+    try:
+        return sock.recv(max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
+def _send(sock: socket.socket, view: memoryview) -> int | None:
+    try:
+        return sock.send(view)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
 
 
 def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:

@@ -249,6 +249,12 @@ class StreamReader:
 
     def _take(self, n: int) -> bytes:
         """Consume and return the next ``n`` buffered bytes (``n`` must be available)."""
+        if not self._pos and n == len(self._buf):
+            # All of it (a request that came alone): one copy, not a slice and a copy.
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._scanned = 0
+            return data
         data = bytes(self._buf[self._pos : self._pos + n])
         self._pos += n
         self._scanned = max(0, self._scanned - n)
@@ -267,11 +273,24 @@ class StreamReader:
         exchange = self._exchange
         if exchange is None:
             data = await self._receive_some()
-        elif exchange.at_boundary and not self._buf:
-            data = await self._receive_next_message(exchange)
-        else:
+        elif not exchange.at_boundary or self._buf:
             data = await self._receive_some()
             exchange.received_data(data)
+        # A receive at a message boundary, which a drain ends with end-of-file. Here, not in
+        # a coroutine of its own: an idle connection waits here, holding every frame above.
+        elif not exchange.start_waiting():
+            await trio.lowlevel.checkpoint()
+            data = b""
+        else:
+            data = b""
+            try:
+                data = await self._receive_some()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # The drain ended the wait (see _drain.py); TLS reports it as a broken stream.
+                if not exchange.drain.closing:
+                    raise
+            finally:
+                exchange.stop_waiting(data)
         if not data:
             self._eof = True
             return False
@@ -287,22 +306,6 @@ class StreamReader:
         if self.timeout is None:
             return self._stream.receive_some(self._bufsize)
         return self._receive_with_timeout(self.timeout)
-
-    async def _receive_next_message(self, exchange: Exchange) -> bytes | bytearray:
-        """A receive at a message boundary, which a drain ends with end-of-file."""
-        if not exchange.start_waiting():
-            await trio.lowlevel.checkpoint()
-            return b""
-        data: bytes | bytearray = b""
-        try:
-            data = await self._receive_some()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            # The drain ended the wait (see _drain.py); TLS reports it as a broken stream.
-            if not exchange.drain.closing:
-                raise
-        finally:
-            exchange.stop_waiting(data)
-        return data
 
     async def _receive_with_timeout(self, wait_timeout: float) -> bytes | bytearray:
         with trio.move_on_after(wait_timeout):
@@ -447,18 +450,25 @@ class StreamWriter:
             data, self._buf = self._buf, bytearray()
             await self._send(data)
 
-    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+    def _send(self, data: bytes | bytearray | memoryview) -> Awaitable[None]:
         """One ``send_all``, bounded by :attr:`timeout` and :attr:`deadline` (every public
-        method sends at most once, so bounding the send bounds the whole call)."""
+        method sends at most once, so bounding the send bounds the whole call).
+
+        A plain function returning the awaitable, not a coroutine: an unbounded send (the
+        default) is then one coroutine fewer per write.
+        """
+        if self.timeout is None and self.deadline is None:
+            return self._stream.send_all(data)
+        return self._send_bounded(data)
+
+    async def _send_bounded(self, data: bytes | bytearray | memoryview) -> None:
         timeout = self.timeout
         deadline = self.deadline
-        if deadline is not None and (timeout is None or deadline < timeout):
+        if timeout is None or (deadline is not None and deadline < timeout):
             bound, error = deadline, f"write took longer than its deadline of {deadline} s"
-        elif timeout is not None:
-            bound, error = timeout, f"peer did not accept data for {timeout} s"
         else:
-            await self._stream.send_all(data)
-            return
+            bound, error = timeout, f"peer did not accept data for {timeout} s"
+        assert bound is not None  # _send() comes here only with one of them set
         with trio.move_on_after(bound):
             await self._stream.send_all(data)
             return

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-import attrs
 import trio
 
 T = TypeVar("T")
@@ -25,31 +23,27 @@ HANDLER_THREAD_PREFIX = "trio_socketserver handler"
 THREAD_RELEASE_TIMEOUT = 1.0
 
 
-@attrs.define
-class RequestOutcome:
-    failed: bool = False
-
-
-# The outcome of the request the current handler thread runs: process_request_thread()
-# marks it failed, so statistics count the request as failed, not finished.
+# Whether the request the current handler thread runs failed: process_request_thread() marks
+# it, so statistics count the request as failed, not finished. None (or unset) on a thread
+# that runs no request.
 _current = threading.local()
 
 
-@contextmanager
-def record_failure() -> Iterator[RequestOutcome]:
-    outcome = RequestOutcome()
-    _current.outcome = outcome
+def record_failure(process_request_thread: Callable[..., object], *args: Any) -> bool:
+    """Run ``process_request_thread(*args)`` (which reports its own errors) on this handler
+    thread; returns whether it marked its request failed. What it raises propagates."""
+    _current.failed = False
     try:
-        yield outcome
+        process_request_thread(*args)
+        return bool(_current.failed)
     finally:
-        del _current.outcome
+        _current.failed = None
 
 
 def mark_failed() -> None:
     """Count the current handler thread's request as failed (no-op elsewhere)."""
-    outcome = getattr(_current, "outcome", None)
-    if outcome is not None:
-        outcome.failed = True
+    if getattr(_current, "failed", None) is not None:
+        _current.failed = True
 
 
 async def run_in_thread(
@@ -86,16 +80,16 @@ async def run_in_thread(
             thread_name=f"{HANDLER_THREAD_PREFIX} for {who!r}",
         )
     except trio.Cancelled:
-        if not end.finished.is_set():
+        if not end.done:
             release()
             if wait_for_release:
                 with trio.CancelScope(shield=True), trio.move_on_after(THREAD_RELEASE_TIMEOUT):
                     await end.wait()
-            if not end.finished.is_set():
+            if not end.done:
                 # Forget threads that have returned since: a server that cuts requests at
                 # their request_deadline, and never stops, must not collect them forever.
                 abandoned[:] = [finished for finished in abandoned if not finished.is_set()]
-                abandoned.append(end.finished)
+                abandoned.append(end.finished())
                 if wait_for_release:
                     LOGGER.warning(
                         "handler thread for %r still running %.1f s after its connection was "
@@ -108,34 +102,48 @@ async def run_in_thread(
         raise
 
 
-@attrs.define(eq=False)
 class _ThreadEnd:
     """When a handler thread returns, for a stop that waits for it after the request was
-    cut. The thread wakes trio only if a task watches: a request that was not cut costs no
-    extra trip through trio's loop. Set-then-check on both sides (``finished`` then
-    ``watched`` on the thread, the reverse in :meth:`wait`), so one side always sees the
-    other.
+    cut. The thread wakes trio only if a task watches, and sets a threading.Event only if a
+    stop abandoned it, so a request that was not cut costs neither an event nor an extra
+    trip through trio's loop. Set-then-check on both sides (``done``, then the watcher and
+    the event, on the thread; the reverse in :meth:`wait` and :meth:`finished`), so one
+    side always sees the other.
     """
 
-    token: trio.lowlevel.TrioToken
-    finished: threading.Event = attrs.Factory(threading.Event)
-    returned: trio.Event = attrs.Factory(trio.Event)
-    watched: bool = False
+    __slots__ = ("_finished", "_returned", "done", "token")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.done = False
+        self._returned: trio.Event | None = None
+        self._finished: threading.Event | None = None
 
     def reached(self) -> None:
         """On the thread, as it returns."""
-        self.finished.set()
-        if self.watched:
+        self.done = True
+        finished = self._finished
+        if finished is not None:
+            finished.set()
+        returned = self._returned
+        if returned is not None:
             try:
-                self.token.run_sync_soon(self.returned.set)
+                self.token.run_sync_soon(returned.set)
             except trio.RunFinishedError:
                 pass  # the run that waited for it is gone; nobody to wake
 
     async def wait(self) -> None:
         """Until the thread returns (cancellable)."""
-        self.watched = True
-        if not self.finished.is_set():
-            await self.returned.wait()
+        returned = self._returned = trio.Event()
+        if not self.done:
+            await returned.wait()
+
+    def finished(self) -> threading.Event:
+        """An event set once the thread has returned, for whoever must wait for it later."""
+        finished = self._finished = threading.Event()
+        if self.done:
+            finished.set()
+        return finished
 
 
 class ThreadingMixIn:
