@@ -89,6 +89,8 @@ def test_a_second_signal_stops_at_once_and_returns_128_plus_it(tmp_path: Path) -
     ):
         client.sendall(b"in flight\n")
         assert read_until(client, b"\n") == b"in flight\n"
+        # Mid-line: the drain waits for this request (between two lines it would end it).
+        client.sendall(b"half a li")
         server.send_signal(signal.SIGTERM)
         server.wait_for_line("SIGTERM: shutting down", stream="stderr")
         server.send_signal(signal.SIGINT)
