@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_socketserver import BaseServer
+from trio_socketserver import BaseServer, StreamRequestHandler
 from trio_socketserver._threading import HANDLER_THREAD_PREFIX
 from trio_socketserver.testing._leaks import ResourceSnapshot
 
@@ -129,6 +129,22 @@ def serving_on_thread(server: Any, poll_interval: float | None = 0.5) -> Iterato
         thread.join(SERVE_FOREVER_EXIT_TIMEOUT)
         server.server_close()
     assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
+
+
+class AsyncEcho(StreamRequestHandler):
+    """Echoes every line, as a task."""
+
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+class SyncEcho(StreamRequestHandler):
+    """Echoes every line, on a handler thread."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
 
 
 def haproxy_binary() -> str:

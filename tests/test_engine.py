@@ -19,23 +19,11 @@ import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
+from conftest import AsyncEcho, SyncEcho, connect, receive_all, receive_line, serving
 from trio_socketserver import compat
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 LOCALHOST = ("127.0.0.1", 0)
-
-
-class AsyncEcho(ts.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
-class SyncEcho(ts.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line)
 
 
 async def echo(server: Any, line: bytes = b"ping\n") -> bytes:

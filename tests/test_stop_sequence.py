@@ -10,29 +10,13 @@ import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import connect, in_thread, receive_all, receive_line, run_python
+from conftest import AsyncEcho, SyncEcho, connect, in_thread, receive_all, receive_line, run_python
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 LOCALHOST = ("127.0.0.1", 0)
 # Long enough that a test which relied on the grace running out would hit fail_after first.
 LONG = 60.0
-
-
-class AsyncEcho(ts.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
-class SyncEcho(ts.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line)
-
-
-class ThreadingTCPServer(ts.ThreadingMixIn, ts.TCPServer):
-    pass
 
 
 async def exchange(stream: trio.SocketStream, line: bytes) -> bytes:
@@ -112,7 +96,7 @@ async def test_connections_queued_in_the_backlog_are_served() -> None:
     [
         (ts.TCPServer, AsyncEcho),
         (ts.TCPServer, SyncEcho),
-        (ThreadingTCPServer, SyncEcho),
+        (ts.ThreadingTCPServer, SyncEcho),
     ],
     ids=["async", "sync", "threading"],
 )
@@ -140,7 +124,7 @@ async def test_a_connection_is_always_served_its_first_message(
     handler: type[ts.StreamRequestHandler],
 ) -> None:
     with trio.fail_after(5):
-        async with ThreadingTCPServer(LOCALHOST, handler) as server:
+        async with ts.ThreadingTCPServer(LOCALHOST, handler) as server:
             server.shutdown_grace = LONG
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
@@ -171,7 +155,7 @@ async def test_a_message_in_progress_is_finished(is_async: bool) -> None:
                 self.wfile.write(body[::-1] + b"\n")
 
     with trio.fail_after(5):
-        async with ThreadingTCPServer(LOCALHOST, AsyncBody if is_async else SyncBody) as server:
+        async with ts.ThreadingTCPServer(LOCALHOST, AsyncBody if is_async else SyncBody) as server:
             server.shutdown_grace = LONG
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
