@@ -13,21 +13,38 @@
 # the peer's next message has already arrived in the kernel (it is then served). A read already
 # waiting at a boundary when the grace begins is woken: a trio task through
 # trio.lowlevel.notify_closing (its wait ends, the socket stays as it is), a sync handler's
-# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread. A
-# shutdown cannot be undone, and a message half read when it comes would end in a false EOF:
-# so a sync handler's thread waits for the next message with a peek (MSG_PEEK consumes
-# nothing), and under the drain's lock either it claims the message (then it is not woken)
-# or the drain ends the wait (then the message, untouched, is never read). The hot path pays
-# no cancel scope: only a set insertion around a read that waits (and a peek for threads).
+# thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread.
+#
+# A shutdown cannot be undone, so for a thread the drain decides under a lock, and a message is
+# either served whole or never seen by the handler: the thread takes the lock as its read
+# returns, and if the drain shut the socket meanwhile, whatever the read got is dropped and the
+# handler sees end-of-file (the peer sent it as the server gave up; it is never half served).
+# The drain shuts a thread's socket only when no byte of a next message has reached the kernel
+# since the thread began to wait: none is queued, and (plain TCP on Linux) the kernel's count of
+# bytes arrived is what the handler's file has counted, so a read that already took the first
+# bytes is left to serve them. Elsewhere (TLS, Unix sockets) the kernel cannot tell what a read
+# took, and the thread waits with a peek (MSG_PEEK takes nothing) before it reads. A handler
+# that reads its socket around its rfile makes the counts disagree: its idle connection is then
+# not ended early, but cut when the grace runs out. The hot path pays no cancel scope, no extra
+# system call on plain TCP: a set insertion and a lock around a read that waits.
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import sys
+import termios
 import threading
 from typing import Any, Literal
 
 import attrs
 import trio
+
+# struct tcp_info (Linux 4.1+) and where its tcpi_bytes_received lies: every byte of data that
+# arrived in order since the connection opened (the peer's FIN counts one).
+TCP_INFO_SIZE = 136
+BYTES_RECEIVED = slice(128, 136)
+KERNEL_COUNTS = sys.platform == "linux" and hasattr(socket, "TCP_INFO")
 
 
 @attrs.define(eq=False)
@@ -68,6 +85,23 @@ class Exchange:
     """The handler wrote since the last bytes arrived."""
     ended: bool = False
     """The drain shut the reading side of a sync handler's socket down."""
+    taken: int = 0
+    """Bytes a sync handler's file has read from the socket."""
+    kernel_offset: int | None = None
+    """Bytes the kernel handed out before the file counted (a PROXY header); None: not known
+    yet (learnt at the first boundary if countable, else the thread waits with a peek)."""
+    countable: bool = attrs.field(init=False)
+    """Whether the kernel can say how many bytes arrived (plain TCP on Linux, threads)."""
+
+    def __attrs_post_init__(self) -> None:
+        self.countable = (
+            self.threaded
+            and KERNEL_COUNTS
+            and type(self.socket) is socket.socket
+            and self.socket.family in (socket.AF_INET, socket.AF_INET6)
+        )
+        if not self.countable:
+            self.kernel_offset = None
 
     @property
     def at_boundary(self) -> bool:
@@ -99,9 +133,8 @@ class Exchange:
             trio.lowlevel.notify_closing(self.socket)
             return
         with self.drain.lock:
-            # Still waiting, and its next message has not begun to arrive (the thread only
-            # peeks while it waits, so an arrived message is still in the kernel).
-            if self not in self.drain.waiting or self._data_arrived():
+            # Still waiting, and no byte of its next message has reached the kernel.
+            if self not in self.drain.waiting or self._data_arrived() or self._read_took_some():
                 return
             self.ended = True
             try:
@@ -111,24 +144,81 @@ class Exchange:
             except OSError:
                 pass  # closed or reset already: its wait returns at once anyway
 
-    def wait_for_next_message(self) -> bool:
-        """A sync handler's thread at a message boundary: wait until the peer's next
-        message arrives, without taking any of it. False: end-of-file instead (the drain
-        ended the wait, the grace had begun with nothing arrived, or the peer closed)."""
+    def receive_next_message(self, file: BoundarySocketIO, buffer: Any) -> int | None:
+        """A sync handler's thread reads ``file`` at a message boundary, as
+        ``SocketIO.readinto(buffer)`` would; 0 (end-of-file) when the drain ends the wait,
+        or the grace had begun with nothing arrived."""
         drain = self.drain
+        if self.countable and self.kernel_offset is None:
+            self._count_from_here()
         drain.waiting.add(self)
-        try:
-            if drain.closing:
-                return self._data_arrived()
-            if not (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending()):
-                # Honours the socket's timeout, as the read would (TimeoutError).
-                arrived = socket.socket.recv(self.socket, 1, socket.MSG_PEEK)
-                if not arrived:
-                    return False
-        finally:
+        if drain.closing:
             with drain.lock:
                 drain.waiting.discard(self)
-        return not self.ended
+                if self.ended or not self._data_arrived():
+                    return 0
+            return socket.SocketIO.readinto(file, buffer)
+        if self.kernel_offset is not None:
+            try:
+                received = socket.SocketIO.readinto(file, buffer)
+            finally:
+                ended = self._wait_ended()
+            return 0 if ended else received
+        try:
+            if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
+                arrived = True
+            else:
+                # Honours the socket's timeout, as the read would (TimeoutError).
+                arrived = bool(socket.socket.recv(self.socket, 1, socket.MSG_PEEK))
+        finally:
+            ended = self._wait_ended()
+        if ended or not arrived:
+            return 0
+        return socket.SocketIO.readinto(file, buffer)
+
+    def _wait_ended(self) -> bool:
+        """A thread's wait is over: whether the drain ended it. Without the lock unless the
+        drain has begun: it sets ``closing`` before it looks at ``waiting``, so a drain that
+        has not begun will not find this thread there."""
+        drain = self.drain
+        drain.waiting.discard(self)
+        if not drain.closing:
+            return False
+        with drain.lock:  # a decision about this thread may be under way: wait for it
+            return self.ended
+
+    def _count_from_here(self) -> None:
+        """Learn what the kernel handed out before the file counted: with nothing of the
+        next message read yet, that is what it handed out in all, less what the file took."""
+        try:
+            queued = int.from_bytes(
+                fcntl.ioctl(self.socket, termios.FIONREAD, bytes(4)), sys.byteorder
+            )
+            arrived = self._bytes_arrived()
+        except OSError:
+            arrived = None
+        if arrived is None:
+            self.countable = False
+        else:
+            self.kernel_offset = arrived - queued - self.taken
+
+    def _read_took_some(self) -> bool:
+        """With nothing queued: whether the thread's read has taken bytes its file has not
+        counted yet, i.e. it has begun to receive its next message. Any disagreement counts
+        as taken: the connection is then left to the end of the grace, never cut short."""
+        if self.kernel_offset is None:
+            return False  # the thread peeks: it takes nothing while it waits
+        try:
+            arrived = self._bytes_arrived()
+        except OSError:
+            return True
+        return arrived != self.kernel_offset + self.taken
+
+    def _bytes_arrived(self) -> int | None:
+        info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        if len(info) < TCP_INFO_SIZE:
+            return None  # a kernel older than tcpi_bytes_received
+        return int.from_bytes(info[BYTES_RECEIVED], sys.byteorder)
 
     def _data_arrived(self) -> bool:
         if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
@@ -153,12 +243,14 @@ class BoundarySocketIO(socket.SocketIO):
 
     def readinto(self, b: Any) -> int | None:
         exchange = self._exchange
-        if exchange.received and exchange.replied and not exchange.wait_for_next_message():
-            return 0
-        n = socket.SocketIO.readinto(self, b)
+        if exchange.received and exchange.replied:
+            n = exchange.receive_next_message(self, b)
+        else:
+            n = socket.SocketIO.readinto(self, b)
         if n:
             exchange.received = True
             exchange.replied = False
+            exchange.taken += n
         return n
 
     def write(self, b: Any) -> int | None:

@@ -1082,7 +1082,9 @@ class Engine:
         if run is None:
             return None
         if isinstance(request, socket.socket):
-            return Exchange(run.drain, request, threaded=True)
+            # Before the handler, only a PROXY header is taken off the connection.
+            taken_before = None if _current_proxy_header.get() else 0
+            return Exchange(run.drain, request, threaded=True, kernel_offset=taken_before)
         connection = request if isinstance(request, Connection) else _connection.get(None)
         if connection is not None and (connection is request or connection.request is request):
             return Exchange(run.drain, connection.sock, threaded=False)

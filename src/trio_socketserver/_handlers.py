@@ -301,6 +301,8 @@ class _SocketWriter(io.BufferedIOBase):
         if self._exchange is not None:
             self._exchange.replied = True
         self._sock.sendall(b)
+        if type(b) is bytes:
+            return len(b)
         with memoryview(b) as view:
             return view.nbytes
 
