@@ -3,7 +3,6 @@
 # --health-bind in a child process probed by the stdlib's HTTP client.
 from __future__ import annotations
 
-import http.client
 import re
 import signal
 import socket
@@ -16,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
+from conftest import connect, http_get, receive_all, receive_line, serving
 from serving_process import ServerProcess, ip_address, read_until
 from trio_socketserver._health import (
     METRICS_CONTENT_TYPE,
@@ -403,16 +402,6 @@ def test_health_server_needs_a_server_and_takes_ipv6() -> None:
 
 
 # -- the command line's --health-bind --------------------------------------------------
-
-
-def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 HEALTH_LINE = r"health endpoint on tcp (\S+): GET /live, /ready, /metrics"

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ import pytest
 import trio
 import trustme
 
-from conftest import wait_for_exit
+from conftest import http_get, wait_for_exit
 from serving_process import ServerProcess, activated, ip_address, read_until
 from trio_socketserver._cli import UsageError, endpoints_of, parse_options, worker_arguments
 from trio_socketserver._engine import ServerStatistics
@@ -406,7 +405,7 @@ def test_a_stop_drains_the_workers_as_one_server_drains(supervise: Start) -> Non
     )
     supervised.process.send_signal(signal.SIGTERM)
     supervised.process.wait_for_line(r"SIGTERM: stopping; every worker drains", stream="stderr")
-    status, body = get(health, "/ready")
+    status, body = http_get(health, "/ready")
     assert (status, body) == (503, "not ready: the supervisor is stopping\n")
     for _ in range(4):
         assert ask(supervised.address)[0] in supervised.pids
@@ -497,8 +496,8 @@ def test_the_health_endpoint_answers_for_all_the_workers(supervise: Start, gate:
     health = ip_address(
         supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
     )
-    assert get(health, "/ready") == (200, "ready\n")
-    status, metrics = get(health, "/metrics")
+    assert http_get(health, "/ready") == (200, "ready\n")
+    status, metrics = http_get(health, "/metrics")
     assert status == 200
     for pid in supervised.pids:
         assert re.search(
@@ -520,21 +519,21 @@ def test_the_health_endpoint_answers_for_all_the_workers(supervise: Start, gate:
     replacement = supervised.process.wait_for_line(
         rf"worker (\d+) started in place of {victim}", stream="stderr"
     )[1]
-    assert get(health, "/ready") == (503, f"not ready: worker {replacement} is starting\n")
+    assert http_get(health, "/ready") == (503, f"not ready: worker {replacement} is starting\n")
     gate.release()
     supervised.process.wait_for_line(r"is ready \(it replaces one that died\)", stream="stderr")
-    assert get(health, "/ready") == (200, "ready\n")
-    assert "trio_socketserver_worker_crashes_total 1" in get(health, "/metrics")[1]
+    assert http_get(health, "/ready") == (200, "ready\n")
+    assert "trio_socketserver_worker_crashes_total 1" in http_get(health, "/metrics")[1]
 
     # A reload: ready all along, the old generation serving until the new one is.
     gate.hold()
     supervised.process.send_signal(signal.SIGHUP)
     gate.wait_for(2)
-    assert get(health, "/ready") == (200, "ready\n")
-    assert 'trio_socketserver_workers{state="starting"} 2' in get(health, "/metrics")[1]
+    assert http_get(health, "/ready") == (200, "ready\n")
+    assert 'trio_socketserver_workers{state="starting"} 2' in http_get(health, "/metrics")[1]
     gate.release()
     supervised.ready_pids(2)
-    assert get(health, "/ready") == (200, "ready\n")
+    assert http_get(health, "/ready") == (200, "ready\n")
     assert stop(supervised) == 0
 
 
@@ -597,16 +596,6 @@ def test_serve_workers_runs_a_program_s_own_factory(handler_dir: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait() == 0
     assert wait_for_exit(pids, GONE_WITHIN) == set()
-
-
-def get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_a_sighup_during_a_reload_is_not_lost(supervise: Start, gate: Gate) -> None:
