@@ -1,11 +1,12 @@
 # Shared test fixtures and helpers: short Unix socket paths, stdlib clients run on real
-# threads, and small stream-reading helpers. Helpers are plain functions (imported as
-# `from conftest import ...`). The leak check every server test ends with is the package's
-# own pytest plugin's `no_leaks` fixture (trio_socketserver.testing), opt-in per file:
-# `pytestmark = pytest.mark.usefixtures("no_leaks")`.
+# threads, a health probe, a service manager's notification socket, and small stream-reading
+# helpers. Helpers are plain functions (imported as `from conftest import ...`). The leak
+# check every server test ends with is the package's own pytest plugin's `no_leaks` fixture
+# (trio_socketserver.testing), opt-in per file: `pytestmark = pytest.mark.usefixtures("no_leaks")`.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import select
 import shutil
@@ -44,6 +45,12 @@ SUBPROCESS_TIMEOUT = 60.0
 
 # How long serving_on_thread() waits for serve_forever() to return after shutdown().
 SERVE_FOREVER_EXIT_TIMEOUT = 5.0
+
+# How long a read on the `manager` socket waits for a notification.
+NOTIFY_TIMEOUT = 10.0
+
+# How long http_get() waits to connect and for each read; a passing test never comes near it.
+HTTP_TIMEOUT = 10.0
 
 
 def have_ipv6_loopback() -> bool:
@@ -99,6 +106,16 @@ def unix_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path)
+
+
+@pytest.fixture
+def manager(unix_dir: Path) -> Iterator[socket.socket]:
+    """A service manager's notification socket (``NOTIFY_SOCKET``), an AF_UNIX datagram
+    socket as systemd's own; its path is ``manager.getsockname()``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(unix_dir / "notify"))
+        sock.settimeout(NOTIFY_TIMEOUT)
+        yield sock
 
 
 @asynccontextmanager
@@ -187,6 +204,20 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    """GET ``path`` with the stdlib's HTTP client, as a balancer's probe does: (status, body).
+
+    Blocking: for a server in another process (``--health-bind``), or from a thread.
+    """
+    connection = http.client.HTTPConnection(*address, timeout=HTTP_TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 async def connect(server: Any) -> trio.SocketStream:

@@ -1,7 +1,8 @@
 # Shared by the tests that run a program (the command line, the examples): run a server
-# program in a child process (as a service manager would start it, for socket activation),
-# read the "serving ... on KIND ADDRESS (Ctrl-C to stop)" line it
-# logs (stderr) once it listens, signal it, and collect its exit status and stderr.
+# program in a child process (the command line through cli(), or as a service manager would
+# start it, for socket activation: activated()), read the "serving ... on KIND ADDRESS
+# (Ctrl-C to stop)" line it logs (stderr) once it listens, signal it, and collect its exit
+# status and stderr.
 # Every wait is bounded by a deadline; nothing sleeps to let the child start.
 # (The leak check these tests use is conftest.py's `no_leaks`.)
 from __future__ import annotations
@@ -26,8 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 20.0
 EXIT_TIMEOUT = 10.0
 
+# The command line's program, as ``python -m``'s arguments.
+CLI = ("-m", "trio_socketserver")
+
 # After the log line's timestamp, level and logger name.
 SERVING = re.compile(r": serving (?P<what>.+?) on (?P<kind>\S+) (?P<where>.+) \(Ctrl-C to stop\)$")
+# What --health-bind logs once the endpoint listens; group 1 is its address.
+HEALTH = r"health endpoint on tcp (\S+): GET /live, /ready, /metrics"
 
 
 def ip_address(where: str) -> tuple[str, int]:
@@ -108,8 +114,17 @@ class ServerProcess:
         """The IP address of the first server the program announced."""
         return ip_address(self.serving()[0]["where"])
 
+    def health_address(self) -> tuple[str, int]:
+        """Wait for the health endpoint's line (``--health-bind``); return its address."""
+        return ip_address(self.wait_for_line(HEALTH, stream="stderr")[1])
+
     def send_signal(self, signum: int = signal.SIGINT) -> None:
         self.proc.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        """Send ``signum`` (SIGINT: Ctrl-C) and wait for the exit, as :meth:`wait`; the status."""
+        self.send_signal(signum)
+        return self.wait()
 
     def wait(self) -> int:
         """Wait for the exit (bounded); read the rest of its output; return the status."""
@@ -152,6 +167,11 @@ class ServerProcess:
         lines.extend(line.decode(errors="replace") for line in complete)
 
 
+def cli(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """The command line, ``python -m trio_socketserver ARGS...``, in a child process."""
+    return ServerProcess(*CLI, *args, cwd=cwd, env=env)
+
+
 # The service manager of socket activation, played by a small exec wrapper: it puts the
 # sockets on descriptors 3, 4, ..., sets the variables for its own pid and execs the real
 # program, which keeps that pid. argv: FD,FD,... NAMES WHOSE-PID PROGRAM-ARGS...;
@@ -188,8 +208,7 @@ def activated(
     sockets (or other descriptors) ``passed``."""
     fds = [fd if isinstance(fd, int) else fd.fileno() for fd in passed]
     spec = ",".join(map(str, fds))
-    cli = ("-m", "trio_socketserver")
-    return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *cli, *args, pass_fds=fds, cwd=cwd)
+    return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *CLI, *args, pass_fds=fds, cwd=cwd)
 
 
 def read_until(sock: socket.socket, end: bytes) -> bytes:

@@ -79,8 +79,7 @@ def test_an_inherited_stream_socket_is_served(case: str, unix_dir: Path) -> None
             client.connect(address)
             client.sendall(b"activated\n")
             assert read_until(client, b"\n") == b"activated\n"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0
+        assert server.stop(signal.SIGTERM) == 0
         if case == "unix":
             # The socket file is the service manager's: the program leaves it in place.
             assert Path(address).is_socket()
@@ -95,16 +94,14 @@ def test_a_client_that_connects_between_two_runs_is_served_by_the_next(
     # refused.
     with activated([tcp_socket]) as first:
         first.serving()
-        first.send_signal(signal.SIGTERM)
-        assert first.wait() == 0
+        assert first.stop(signal.SIGTERM) == 0
     with socket.create_connection(tcp_socket.getsockname(), timeout=TIMEOUT) as client:
         client.sendall(b"while nobody served\n")
         with activated([tcp_socket]) as second:
             second.serving()
             assert read_until(client, b"\n") == b"while nobody served\n"
             client.close()
-            second.send_signal(signal.SIGTERM)
-            assert second.wait() == 0
+            assert second.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
@@ -122,8 +119,7 @@ def test_an_inherited_datagram_socket_is_served_with_udp(family: int, unix_dir: 
                     client.bind(str(unix_dir / "client.sock"))  # somewhere to reply to
                 client.sendto(b"datagram", sock.getsockname())
                 assert client.recv(100) == b"datagram"
-            server.send_signal(signal.SIGTERM)
-            assert server.wait() == 0
+            assert server.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -144,8 +140,7 @@ def test_several_named_sockets_and_the_variables_are_gone_before_handlers_run(
                 with socket.create_connection(sock.getsockname(), timeout=TIMEOUT) as client:
                     client.sendall(b"what do you see?\n")
                     assert read_until(client, b"\n") == b"sees: \n"
-            server.send_signal(signal.SIGTERM)
-            assert server.wait() == 0
+            assert server.stop(signal.SIGTERM) == 0
     assert "socket 'public' from the service manager: tcp " in server.stderr
     assert "socket 'admin' from the service manager: tcp " in server.stderr
 
@@ -162,8 +157,7 @@ def test_listen_pid_of_another_process_is_ignored(
         with socket.create_connection(server.address(), timeout=TIMEOUT) as client:
             client.sendall(b"what do you see?\n")
             assert read_until(client, b"\n") == b"sees: \n"  # removed all the same
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0
+        assert server.stop(signal.SIGTERM) == 0
     assert "service manager" not in server.stderr
 
 

@@ -20,11 +20,7 @@ import trustme
 
 import trio_socketserver
 from conftest import have_ipv6_loopback
-from serving_process import (
-    ServerProcess,
-    ip_address,
-    read_until,
-)
+from serving_process import cli, ip_address, read_until
 from trio_socketserver import __main__ as cli_main
 from trio_socketserver.__main__ import ACCESS_LOGGER
 from trio_socketserver._cli import (
@@ -44,7 +40,6 @@ from trio_socketserver._echo import DatagramEchoHandler, EchoHandler
 
 # Bounds each client wait; a passing test never comes near it.
 SOCKET_TIMEOUT = 10.0
-CLI = ("-m", "trio_socketserver")
 
 V4, V6, UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 
@@ -160,7 +155,7 @@ def test_drain_delay_defaults_to_zero() -> None:
 
 
 def test_sigterm_keeps_accepting_for_the_drain_delay() -> None:
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--drain-delay", "3600") as server:
+    with cli("--bind", "127.0.0.1:0", "--drain-delay", "3600") as server:
         address = server.address()
         server.send_signal(signal.SIGTERM)
         server.wait_for_line("SIGTERM: shutting down", stream="stderr")
@@ -289,15 +284,14 @@ def echo(address: tuple[str, int], *lines: bytes, family: int = V4) -> None:
 
 @pytest.mark.usefixtures("no_leaks")
 def test_sigint_stops_gracefully_with_status_0() -> None:
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0") as server:
+    with cli("--bind", "127.0.0.1:0") as server:
         [serving] = server.serving()
         assert serving["what"] == "EchoHandler"
         assert serving["kind"] == "tcp"
         host, port = ip_address(serving["where"])
         assert host == "127.0.0.1" and port != 0  # the real port, not the 0 asked for
         echo((host, port), b"hello\n", b"world\n")
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert "Traceback" not in server.stderr
     assert re.search(
         rf": stopped serving on tcp 127\.0\.0\.1:{port} in \d+\.\d\d s: "
@@ -311,7 +305,7 @@ def test_sigint_stops_gracefully_with_status_0() -> None:
 def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
     grace = 0.5
     with (
-        ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server,
+        cli("--bind", "127.0.0.1:0", "--shutdown-grace", str(grace)) as server,
         socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as idle,
         socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as busy,
     ):
@@ -342,9 +336,7 @@ def test_sigterm_ends_idle_connections_and_gives_busy_ones_the_grace() -> None:
 @pytest.mark.usefixtures("no_leaks")
 def test_request_deadline_cuts_a_connection_logs_and_reports_it() -> None:
     deadline = 0.5
-    with ServerProcess(
-        *CLI, "--bind", "127.0.0.1:0", "--request-deadline", str(deadline)
-    ) as server:
+    with cli("--bind", "127.0.0.1:0", "--request-deadline", str(deadline)) as server:
         with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
             connected = time.monotonic()
             peer = client.getsockname()
@@ -361,8 +353,7 @@ def test_request_deadline_cuts_a_connection_logs_and_reports_it() -> None:
             stream="stderr",
         )
         echo(server.address(), b"still serving\n")
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert "requests finished: 1, failed: 0, cut short: 1" in server.stderr
 
 
@@ -371,7 +362,7 @@ def test_request_deadline_cuts_a_connection_logs_and_reports_it() -> None:
 def test_second_signal_stops_at_once(second: int, status: int) -> None:
     # A grace far longer than the exit timeout: only the second signal can end it in time.
     with (
-        ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", "3600") as server,
+        cli("--bind", "127.0.0.1:0", "--shutdown-grace", "3600") as server,
         socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client,
     ):
         client.sendall(b"x\n")
@@ -380,8 +371,7 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
         client.sendall(b"half a li")
         server.send_signal(signal.SIGINT)
         server.wait_for_line("SIGINT: shutting down", stream="stderr")
-        server.send_signal(second)
-        assert server.wait() == status
+        assert server.stop(second) == status
         try:
             assert client.recv(100) == b""
         except ConnectionResetError:
@@ -393,20 +383,19 @@ def test_second_signal_stops_at_once(second: int, status: int) -> None:
 @pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.usefixtures("no_leaks")
 def test_several_binds_serve_together_and_stop_together() -> None:
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--bind", "[::1]:0") as server:
+    with cli("--bind", "127.0.0.1:0", "--bind", "[::1]:0") as server:
         # Both lines are logged once both listen.
         server.wait_for_line(r"on tcp \[::1\]:", stream="stderr")
         v4, v6 = server.serving()
         echo(ip_address(v4["where"]), b"four\n")
         echo(ip_address(v6["where"]), b"six\n", family=V6)
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert server.stderr.count("requests finished: 1, failed: 0, cut short: 0, refused: 0") == 2
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_behind_a_balancer_with_proxy_protocol() -> None:
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--proxy-protocol", "v1") as server:
+    with cli("--bind", "127.0.0.1:0", "--proxy-protocol", "v1") as server:
         address = server.address()
         with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
             header = b"PROXY TCP4 203.0.113.7 192.0.2.1 41000 443\r\n"
@@ -423,27 +412,25 @@ def test_behind_a_balancer_with_proxy_protocol() -> None:
             r"PROXY protocol: no PROXY protocol v1 header",
             stream="stderr",
         )
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0
+        assert server.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_udp_echo() -> None:
-    with ServerProcess(*CLI, "--udp", "--bind", "127.0.0.1:0") as server:
+    with cli("--udp", "--bind", "127.0.0.1:0") as server:
         [serving] = server.serving()
         assert (serving["what"], serving["kind"]) == ("DatagramEchoHandler", "udp")
         with socket.socket(V4, socket.SOCK_DGRAM) as client:
             client.settimeout(SOCKET_TIMEOUT)
             client.sendto(b"datagram", ip_address(serving["where"]))
             assert client.recvfrom(100)[0] == b"datagram"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0
+        assert server.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_unix_echo_and_the_socket_file_is_removed(tmp_path: Path) -> None:
     path = tmp_path / "echo.sock"
-    with ServerProcess(*CLI, "--unix", str(path)) as server:
+    with cli("--unix", str(path)) as server:
         [serving] = server.serving()
         assert (serving["kind"], serving["where"]) == ("unix", str(path))
         with socket.socket(UNIX) as client:
@@ -451,8 +438,7 @@ def test_unix_echo_and_the_socket_file_is_removed(tmp_path: Path) -> None:
             client.connect(str(path))
             client.sendall(b"over a path\n")
             assert read_until(client, b"\n") == b"over a path\n"
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert not path.exists()
 
 
@@ -464,7 +450,7 @@ def test_tls_echo(tmp_path: Path) -> None:
     issued.cert_chain_pems[0].write_to_path(cert)
     issued.private_key_pem.write_to_path(key)
     args = ("--bind", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key))
-    with ServerProcess(*CLI, *args) as server:
+    with cli(*args) as server:
         [serving] = server.serving()
         assert serving["kind"] == "tcp+tls"
         context = ssl.create_default_context()
@@ -476,8 +462,7 @@ def test_tls_echo(tmp_path: Path) -> None:
         ):
             client.sendall(b"secret\n")
             assert read_until(client, b"\n") == b"secret\n"
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
 
 
 SYNC_HANDLER = """\
@@ -498,7 +483,7 @@ def test_threading_serves_a_sync_handler_module_concurrently(tmp_path: Path) -> 
     write_module(tmp_path, "upper_handler", SYNC_HANDLER)
     args = ("--bind", "127.0.0.1:0", "--handler", "upper_handler:Upper", "--threading")
     # cwd=tmp_path: the handler module is found in the current directory.
-    with ServerProcess(*CLI, *args, cwd=tmp_path) as server:
+    with cli(*args, cwd=tmp_path) as server:
         address = server.address()
         with (
             socket.create_connection(address, timeout=SOCKET_TIMEOUT) as first,
@@ -509,8 +494,7 @@ def test_threading_serves_a_sync_handler_module_concurrently(tmp_path: Path) -> 
             # `first` still holds its thread; without --threading this would wait forever.
             second.sendall(b"two\n")
             assert read_until(second, b"\n") == b"TWO\n"
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -519,7 +503,7 @@ def test_address_in_use_is_one_line_and_exit_2() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with ServerProcess(*CLI, "--bind", f"127.0.0.1:{port}") as server:
+        with cli("--bind", f"127.0.0.1:{port}") as server:
             assert server.wait() == 2
     assert server.stdout_lines == []
     [line] = server.stderr_lines
@@ -531,7 +515,7 @@ def test_address_in_use_is_one_line_and_exit_2() -> None:
 
 @pytest.mark.usefixtures("no_leaks")
 def test_bad_handler_through_the_real_entry_point() -> None:
-    with ServerProcess(*CLI, "--handler", "no_such_module_xyz:Handler") as server:
+    with cli("--handler", "no_such_module_xyz:Handler") as server:
         assert server.wait() == 2
     assert server.stdout_lines == []
     [line] = server.stderr_lines
@@ -545,38 +529,34 @@ def test_bad_handler_through_the_real_entry_point() -> None:
 def test_restart_on_the_same_port_right_after_a_stop_with_a_client_connected() -> None:
     # The README's flow: a client connected (nc), Ctrl-C, start again at once. The server
     # closes the connection first, so the port has a connection in TIME-WAIT.
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", "--shutdown-grace", "0") as first:
+    with cli("--bind", "127.0.0.1:0", "--shutdown-grace", "0") as first:
         address = first.address()
         with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as client:
             client.sendall(b"connected\n")
             assert read_until(client, b"\n") == b"connected\n"
-            first.send_signal(signal.SIGINT)
-            assert first.wait() == 0
+            assert first.stop() == 0
             assert client.recv(100) == b""  # the server closed it: TIME-WAIT is on its side
-    with ServerProcess(*CLI, "--bind", f"127.0.0.1:{address[1]}") as second:
+    with cli("--bind", f"127.0.0.1:{address[1]}") as second:
         assert second.address() == address
         echo(address, b"served again\n")
-        second.send_signal(signal.SIGINT)
-        assert second.wait() == 0
+        assert second.stop() == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_a_socket_file_left_by_kill_9_is_replaced(unix_dir: Path) -> None:
     path = unix_dir / "echo.sock"
-    with ServerProcess(*CLI, "--unix", str(path)) as crashed:
+    with cli("--unix", str(path)) as crashed:
         crashed.serving()
-        crashed.send_signal(signal.SIGKILL)
-        assert crashed.wait() == -signal.SIGKILL
+        assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
     assert path.is_socket()  # left behind: nobody listens on it
-    with ServerProcess(*CLI, "--unix", str(path)) as server:
+    with cli("--unix", str(path)) as server:
         server.serving()
         with socket.socket(UNIX) as client:
             client.settimeout(SOCKET_TIMEOUT)
             client.connect(str(path))
             client.sendall(b"after the crash\n")
             assert read_until(client, b"\n") == b"after the crash\n"
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert f"removed the stale socket file {path}: nobody listened on it" in server.stderr
     assert not path.exists()
 
@@ -584,9 +564,9 @@ def test_a_socket_file_left_by_kill_9_is_replaced(unix_dir: Path) -> None:
 @pytest.mark.usefixtures("no_leaks")
 def test_a_socket_someone_listens_on_is_never_replaced(unix_dir: Path) -> None:
     path = unix_dir / "echo.sock"
-    with ServerProcess(*CLI, "--unix", str(path)) as running:
+    with cli("--unix", str(path)) as running:
         running.serving()
-        with ServerProcess(*CLI, "--unix", str(path)) as second:
+        with cli("--unix", str(path)) as second:
             assert second.wait() == 2
         [line] = second.stderr_lines
         assert line.startswith(f"python -m trio_socketserver: error: cannot listen on unix {path}")
@@ -598,16 +578,14 @@ def test_a_socket_someone_listens_on_is_never_replaced(unix_dir: Path) -> None:
             client.connect(str(path))
             client.sendall(b"still mine\n")
             assert read_until(client, b"\n") == b"still mine\n"
-        running.send_signal(signal.SIGINT)
-        assert running.wait() == 0
+        assert running.stop() == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_the_serving_line_is_logged_to_stderr_with_a_timestamp() -> None:
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0") as server:
+    with cli("--bind", "127.0.0.1:0") as server:
         server.serving()
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert server.stdout_lines == []
     [line] = [line for line in server.stderr_lines if ": serving " in line]
     # "2024-05-01 12:00:00,123 INFO trio_socketserver: serving EchoHandler on tcp ..."
@@ -648,10 +626,9 @@ def test_access_log_is_opt_in_and_part_of_debug(
 ) -> None:
     write_module(tmp_path, "access_handler", ACCESS_HANDLER)
     args = ("--bind", "127.0.0.1:0", "--handler", "access_handler:Echo", *options)
-    with ServerProcess(*CLI, *args, cwd=tmp_path) as server:
+    with cli(*args, cwd=tmp_path) as server:
         echo(server.address(), b"one request\n")
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert ("access line for 127.0.0.1" in server.stderr) == shown
 
 
@@ -676,7 +653,7 @@ def test_access_log_below_info_keeps_its_info_lines() -> None:
 def test_plaintext_client_on_a_tls_port_is_logged_as_a_failed_handshake(tmp_path: Path) -> None:
     cert, key = tls_files(tmp_path)
     args = ("--bind", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key))
-    with ServerProcess(*CLI, *args) as server:
+    with cli(*args) as server:
         with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
             client.sendall(b"hello in plaintext\n")
             try:
@@ -684,8 +661,7 @@ def test_plaintext_client_on_a_tls_port_is_logged_as_a_failed_handshake(tmp_path
             except ConnectionResetError:
                 pass  # the server ended it either way
         server.wait_for_line("TLS handshake failed", stream="stderr")
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert "TLS handshake failed: [SSL: " in server.stderr
     assert "BrokenResourceError" not in server.stderr
 
@@ -698,12 +674,12 @@ def test_a_handler_module_that_fails_to_import_shows_its_traceback_at_debug(
         tmp_path, "raises_on_import", "\n\nraise RuntimeError('database not configured')\n"
     )
     args = ("--handler", "raises_on_import:H")
-    with ServerProcess(*CLI, *args, "--log-level", "DEBUG", cwd=tmp_path) as debug:
+    with cli(*args, "--log-level", "DEBUG", cwd=tmp_path) as debug:
         assert debug.wait() == 2
     assert "Traceback (most recent call last):" in debug.stderr
     assert "raise RuntimeError('database not configured')" in debug.stderr
     assert debug.stderr_lines[-1].startswith("python -m trio_socketserver: error: --handler ")
-    with ServerProcess(*CLI, *args, cwd=tmp_path) as quiet:
+    with cli(*args, cwd=tmp_path) as quiet:
         assert quiet.wait() == 2
     [line] = quiet.stderr_lines
     assert "RuntimeError: database not configured (at " in line
@@ -724,12 +700,11 @@ class Fails(trio_socketserver.StreamRequestHandler):
 def test_stop_report_counts_failed_requests_apart(tmp_path: Path) -> None:
     write_module(tmp_path, "failing_handler", FAILING_HANDLER)
     args = ("--bind", "127.0.0.1:0", "--handler", "failing_handler:Fails")
-    with ServerProcess(*CLI, *args, cwd=tmp_path) as server:
+    with cli(*args, cwd=tmp_path) as server:
         with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
             client.sendall(b"boom\n")
             assert client.recv(100) == b""
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 0
+        assert server.stop() == 0
     assert "ValueError: a bug in the handler" in server.stderr  # handle_error's traceback
     assert "requests finished: 0, failed: 1, cut short: 0, refused: 0" in server.stderr
 
@@ -833,11 +808,11 @@ def _encrypted(key: Path) -> Path:
 
 
 def test_usage_names_the_program_as_it_was_run() -> None:
-    with ServerProcess(*CLI, "--help") as module_form:
+    with cli("--help") as module_form:
         assert module_form.wait() == 0
     assert module_form.stdout_lines[0].startswith("usage: python -m trio_socketserver [-h]")
     assert "python -m trio_socketserver --bind 127.0.0.1:0" in "\n".join(module_form.stdout_lines)
-    with ServerProcess(*CLI, "--frobnicate") as mistake:
+    with cli("--frobnicate") as mistake:
         assert mistake.wait() == 2
     assert mistake.stderr_lines == [
         "python -m trio_socketserver: error: unrecognized arguments: --frobnicate "

@@ -34,8 +34,7 @@ def connect(address: tuple[str, int]) -> socket.socket:
 
 
 def stop(server: ServerProcess) -> None:
-    server.send_signal(signal.SIGINT)
-    assert server.wait() == 0
+    assert server.stop() == 0
     assert "Traceback" not in server.stderr
 
 

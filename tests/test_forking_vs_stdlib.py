@@ -290,6 +290,34 @@ def test_timeout_active_children_and_collect_children(socketserver: ModuleType) 
         assert child_processes() == set()
 
 
+def test_subclasses_call_the_hooks_through_the_mixin(socketserver: ModuleType) -> None:
+    """As stdlib code does: ``ForkingMixIn.process_request(self, ...)``, not ``super()``."""
+    mixin = socketserver.ForkingMixIn
+    calls = []
+
+    class Explicit(mixin, socketserver.TCPServer):
+        timeout = 0.05  # nobody connects during the first handle_request()
+
+        def handle_timeout(self) -> None:
+            calls.append("handle_timeout")
+            mixin.handle_timeout(self)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            calls.append("process_request")
+            mixin.process_request(self, request, client_address)
+
+    with Explicit(LOCALHOST, Reply) as server:
+        server.reply = "served"
+        server.handle_request()
+        with concurrent.futures.ThreadPoolExecutor(1) as client:
+            answer = client.submit(ask, server)
+            server.handle_request()
+            pid, reply = answer.result(WAIT)
+        mixin.service_actions(server)
+    assert calls == ["handle_timeout", "process_request"]
+    assert (pid != os.getpid(), reply) == (True, b"served")
+
+
 @pytest.mark.parametrize(
     ("flavour", "per_child", "expected"),
     [

@@ -22,7 +22,7 @@ import attrs
 import pytest
 
 from conftest import haproxy_binary
-from serving_process import ROOT, ServerProcess
+from serving_process import ROOT, ServerProcess, cli
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -281,9 +281,7 @@ NAMES = ["one", "two", "three"]
 
 
 def cli_instance(ports: Ports, i: int) -> ServerProcess:
-    return ServerProcess(
-        "-m",
-        "trio_socketserver",
+    return cli(
         "--handler",
         "haproxy_instance:AddressEcho",
         "--bind",

@@ -3,7 +3,6 @@
 # --health-bind in a child process probed by the stdlib's HTTP client.
 from __future__ import annotations
 
-import http.client
 import re
 import signal
 import socket
@@ -16,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
-from serving_process import ServerProcess, ip_address, read_until
+from conftest import connect, http_get, receive_all, receive_line, serving
+from serving_process import cli, read_until
 from trio_socketserver._health import (
     METRICS_CONTENT_TYPE,
     BadRequest,
@@ -30,7 +29,6 @@ from trio_socketserver._health import (
 LOCALHOST = ("127.0.0.1", 0)
 # Bounds each wait; a passing test never comes near it.
 TIMEOUT = 10.0
-CLI = ("-m", "trio_socketserver")
 
 
 def stats(**fields: Any) -> ts.ServerStatistics:
@@ -405,26 +403,13 @@ def test_health_server_needs_a_server_and_takes_ipv6() -> None:
 # -- the command line's --health-bind --------------------------------------------------
 
 
-def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
-
-
-HEALTH_LINE = r"health endpoint on tcp (\S+): GET /live, /ready, /metrics"
-
-
 @pytest.mark.usefixtures("no_leaks")
 def test_cli_health_bind_answers_through_serving_and_the_drain() -> None:
     # A drain delay longer than the test: the server keeps accepting while /ready says 503,
     # as a balancer polling it needs; the second signal ends it.
     args = ("--bind", "127.0.0.1:0", "--health-bind", "127.0.0.1:0", "--drain-delay", "3600")
-    with ServerProcess(*CLI, *args) as server:
-        health = ip_address(server.wait_for_line(HEALTH_LINE, stream="stderr")[1])
+    with cli(*args) as server:
+        health = server.health_address()
         address = server.address()  # logged once it accepts
         label = f"tcp 127.0.0.1:{address[1]}"
         assert http_get(health, "/ready") == (200, "ready\n")
@@ -442,8 +427,7 @@ def test_cli_health_bind_answers_through_serving_and_the_drain() -> None:
         with socket.create_connection(address, timeout=TIMEOUT) as client:
             client.sendall(b"sent by a slow balancer\n")
             assert read_until(client, b"\n") == b"sent by a slow balancer\n"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 143
+        assert server.stop(signal.SIGTERM) == 143
     assert re.search(
         rf": stopped serving on {label} in \d+\.\d\d s: requests finished: \d, ", server.stderr
     )
@@ -454,18 +438,16 @@ def test_cli_health_port_is_bound_again_at_once_after_a_stop() -> None:
     # The endpoint closes each connection first, so its port has connections in TIME-WAIT:
     # binding it again needs SO_REUSEADDR.
     args = ("--bind", "127.0.0.1:0", "--health-bind", "127.0.0.1:0")
-    with ServerProcess(*CLI, *args) as first:
-        health = ip_address(first.wait_for_line(HEALTH_LINE, stream="stderr")[1])
+    with cli(*args) as first:
+        health = first.health_address()
         first.serving()
         assert http_get(health, "/live") == (200, "live\n")
-        first.send_signal(signal.SIGTERM)
-        assert first.wait() == 0
+        assert first.stop(signal.SIGTERM) == 0
     args = ("--bind", "127.0.0.1:0", "--health-bind", f"127.0.0.1:{health[1]}")
-    with ServerProcess(*CLI, *args) as second:
+    with cli(*args) as second:
         second.serving()
         assert http_get(health, "/live") == (200, "live\n")
-        second.send_signal(signal.SIGTERM)
-        assert second.wait() == 0
+        assert second.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -475,7 +457,7 @@ def test_cli_health_address_in_use_is_one_line_and_exit_2() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         args = ("--bind", "127.0.0.1:0", "--health-bind", f"127.0.0.1:{port}")
-        with ServerProcess(*CLI, *args) as server:
+        with cli(*args) as server:
             started = time.monotonic()
             assert server.wait() == 2
     [line] = server.stderr_lines

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,12 @@ import pytest
 import trio
 
 import trio_socketserver
-from serving_process import ServerProcess, read_until
+from serving_process import cli, read_until
 from trio_socketserver._notify import notify, watchdog_interval
 
 # Bounds each wait for a notification or a reply; a passing test never comes near it.
 TIMEOUT = 10.0
-CLI = ("-m", "trio_socketserver")
 SERVING_STATUS = re.compile(r"serving EchoHandler on tcp 127\.0\.0\.1:(\d+)")
-
-
-@pytest.fixture
-def manager(unix_dir: Path) -> Iterator[socket.socket]:
-    """The service manager's notification socket; its path is ``manager.getsockname()``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(unix_dir / "notify"))
-        sock.settimeout(TIMEOUT)
-        yield sock
 
 
 def receive(manager: socket.socket) -> dict[str, str]:
@@ -53,7 +42,7 @@ def test_ready_once_the_port_accepts_and_stopping_when_the_drain_begins(
     env = {"NOTIFY_SOCKET": manager.getsockname()}
     # A drain delay longer than the test: the second signal ends it.
     args = ("--bind", "127.0.0.1:0", "--drain-delay", "3600")
-    with ServerProcess(*CLI, *args, env=env) as server:
+    with cli(*args, env=env) as server:
         ready = receive(manager)
         assert ready["READY"] == "1"
         status = SERVING_STATUS.fullmatch(ready["STATUS"])
@@ -67,18 +56,16 @@ def test_ready_once_the_port_accepts_and_stopping_when_the_drain_begins(
         # STOPPING=1 came at the start of the drain: the server still accepts new clients.
         with socket.create_connection(address, timeout=TIMEOUT) as client:
             echo(client, b"still served\n")
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 143
+        assert server.stop(signal.SIGTERM) == 143
 
 
 @pytest.mark.usefixtures("no_leaks")
 def test_watchdog_pings_every_half_of_watchdog_usec(manager: socket.socket) -> None:
     # 0.2 s: a ping every 0.1 s, so the pings counted below come within a second.
     env = {"NOTIFY_SOCKET": manager.getsockname(), "WATCHDOG_USEC": "200000"}
-    with ServerProcess(*CLI, "--bind", "127.0.0.1:0", env=env) as server:
+    with cli("--bind", "127.0.0.1:0", env=env) as server:
         messages = [receive(manager) for _ in range(6)]
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0
+        assert server.stop(signal.SIGTERM) == 0
     assert sum(m == {"WATCHDOG": "1"} for m in messages) >= 4  # the others: READY=1
     assert any(m.get("READY") == "1" for m in messages)
 

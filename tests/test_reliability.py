@@ -40,7 +40,7 @@ import trio
 import trustme
 
 import trio_socketserver as ts
-from serving_process import ServerProcess
+from serving_process import cli
 from trio_socketserver._threading import HANDLER_THREAD_PREFIX, THREAD_RELEASE_TIMEOUT
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -1301,7 +1301,7 @@ def test_sigterm_under_load_through_the_cli_loses_no_accepted_request(door: str)
     clients, grace = 50, 3.0
     record = LoadRecord()
     args = ["--bind", "127.0.0.1:0", "--shutdown-grace", str(grace), *CLI_DOORS[door]]
-    with ServerProcess("-m", "trio_socketserver", *args, cwd=TESTS) as proc:
+    with cli(*args, cwd=TESTS) as proc:
         address = proc.address()
         threads = [
             threading.Thread(target=hammer, args=(address, n, record, 200)) for n in range(clients)
@@ -1347,14 +1347,13 @@ def listening_addresses(pid: int, port: int) -> set[str]:
 def test_cli_binds_to_loopback_unless_told_otherwise() -> None:
     """``--bind PORT`` names no host: the program listens on 127.0.0.1 only. An empty host
     is refused rather than read as "all interfaces"."""
-    with ServerProcess("-m", "trio_socketserver", "--bind", "0") as proc:
+    with cli("--bind", "0") as proc:
         host, port = proc.address()
         listening = listening_addresses(proc.proc.pid, port)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait() == 0
+        assert proc.stop(signal.SIGTERM) == 0
     assert host == "127.0.0.1"
     assert listening == {f"0100007F:{port:04X}"}  # 127.0.0.1, little-endian hex
-    with ServerProcess("-m", "trio_socketserver", "--bind", ":0") as proc:
+    with cli("--bind", ":0") as proc:
         assert proc.wait() == 2
     assert "give a host" in proc.stderr
 

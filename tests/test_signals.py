@@ -72,8 +72,7 @@ def test_a_signal_stops_the_program_gracefully_with_status_0(tmp_path: Path, sig
         with socket.create_connection(server.address(), timeout=SOCKET_TIMEOUT) as client:
             client.sendall(b"ping\n")
             assert read_until(client, b"\n") == b"ping\n"
-        server.send_signal(signum)
-        assert server.wait() == 0
+        assert server.stop(signum) == 0
     assert server.stdout_lines == ["serve_until_signal returned 0"]
     assert f"{signal.Signals(signum).name}: shutting down" in server.stderr
     assert "requests finished: 1, failed: 0, cut short: 0, refused: 0" in server.stderr
@@ -93,8 +92,7 @@ def test_a_second_signal_stops_at_once_and_returns_128_plus_it(tmp_path: Path) -
         client.sendall(b"half a li")
         server.send_signal(signal.SIGTERM)
         server.wait_for_line("SIGTERM: shutting down", stream="stderr")
-        server.send_signal(signal.SIGINT)
-        assert server.wait() == 130
+        assert server.stop(signal.SIGINT) == 130
     assert server.stdout_lines == ["serve_until_signal returned 130"]
     assert "SIGINT again: stopping at once" in server.stderr
     assert "requests finished: 0, failed: 0, cut short: 1, refused: 0" in server.stderr

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import re
@@ -23,8 +22,8 @@ import pytest
 import trio
 import trustme
 
-from conftest import wait_for_exit
-from serving_process import ServerProcess, activated, ip_address, read_until
+from conftest import http_get, wait_for_exit
+from serving_process import ServerProcess, activated, cli, ip_address, read_until
 from trio_socketserver._cli import UsageError, endpoints_of, parse_options, worker_arguments
 from trio_socketserver._engine import ServerStatistics
 from trio_socketserver._workers._command import MIGRATE_SETTING, STOP_MARGIN, stop_timeout
@@ -38,7 +37,6 @@ from trio_socketserver._workers._wire import (
     parse_notify,
 )
 
-CLI = ("-m", "trio_socketserver")
 # Bounds every client wait; a passing test never comes near it.
 TIMEOUT = 10.0
 # A worker's death (SIGKILL) or its supervisor's reaches it at once; this bounds how long
@@ -92,7 +90,7 @@ def supervise(handler_dir: Path) -> Iterator[Start]:
     started: list[ServerProcess] = []
 
     def start(*args: str, workers: int = 2) -> Supervised:
-        process = ServerProcess(*CLI, "--workers", str(workers), *args, cwd=handler_dir)
+        process = cli("--workers", str(workers), *args, cwd=handler_dir)
         started.append(process)
         process.__enter__()
         match = process.wait_for_line(SERVING, stream="stderr")
@@ -112,11 +110,6 @@ def ask(address: tuple[str, int], line: bytes = b"hello\n") -> tuple[int, bytes]
         client.sendall(line)
         pid, _, echo = read_until(client, b"\n").partition(b" ")
         return int(pid), echo
-
-
-def stop(supervised: Supervised, signum: int = signal.SIGTERM) -> int:
-    supervised.process.send_signal(signum)
-    return supervised.process.wait()
 
 
 # -- serving ------------------------------------------------------------------------
@@ -139,14 +132,14 @@ def test_distinct_workers_serve(supervise: Start) -> None:
     # One stderr for all: every line says whose it is.
     for pid in [supervised.process.proc.pid, *supervised.pids]:
         assert f" trio_socketserver[{pid}]: serving " in supervised.process.stderr
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_sigterm_drains_every_worker_and_reports_their_sum(supervise: Start) -> None:
     supervised = supervise("--handler", "pid_handler:Pid")
     for i in range(6):
         assert ask(supervised.address, b"%d\n" % i)[1] == b"%d\n" % i
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
     assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
     report = re.search(
         r"stopped serving on tcp [\d.:]+ in [\d.]+ s: requests finished: (\d+), failed: 0, "
@@ -173,7 +166,7 @@ def test_a_second_signal_stops_at_once(supervise: Start, handler_dir: Path) -> N
         supervised.process.send_signal(signal.SIGTERM)
         supervised.process.wait_for_line(r"SIGTERM: stopping; every worker drains", stream="stderr")
         started = time.monotonic()
-        assert stop(supervised) == 128 + signal.SIGTERM
+        assert supervised.process.stop(signal.SIGTERM) == 128 + signal.SIGTERM
     assert time.monotonic() - started < TIMEOUT / 2
     assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
 
@@ -234,7 +227,7 @@ def test_a_worker_killed_under_load_is_replaced_and_costs_only_its_requests(
     # Each client has one request in flight at a time: at most that many were the killed
     # worker's; a connection still waiting in the shared backlog went to another worker.
     assert load.failed <= load.clients, load.errors
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_a_crash_loop_ends_the_supervisor_with_status_1(handler_dir: Path) -> None:
@@ -246,7 +239,7 @@ def test_a_crash_loop_ends_the_supervisor_with_status_1(handler_dir: Path) -> No
         "    async def handle(self):\n"
         "        pass\n"
     )
-    with ServerProcess(*CLI, "--workers", "1", "--handler", "dies:Dies", cwd=handler_dir) as sup:
+    with cli("--workers", "1", "--handler", "dies:Dies", cwd=handler_dir) as sup:
         assert sup.wait() == 1
     assert f"crash loop: {CRASH_LOOP} workers in a row died within {STABLE_AFTER} s" in sup.stderr
     assert sup.stderr.count("exited with status 3") == CRASH_LOOP
@@ -254,7 +247,7 @@ def test_a_crash_loop_ends_the_supervisor_with_status_1(handler_dir: Path) -> No
 
 def test_a_handler_that_does_not_import_stops_the_start_with_status_2(handler_dir: Path) -> None:
     (handler_dir / "broken.py").write_text("raise RuntimeError('no database')\n")
-    with ServerProcess(*CLI, "--workers", "2", "--handler", "broken:H", cwd=handler_dir) as sup:
+    with cli("--workers", "2", "--handler", "broken:H", cwd=handler_dir) as sup:
         assert sup.wait() == 2
     assert "RuntimeError: no database" in sup.stderr
     assert "could not start (exited with status 2; its error is logged above); stopping" in (
@@ -290,7 +283,7 @@ def test_a_reload_under_load_loses_nothing_and_leaves_only_new_workers(
             assert load.pids_since(after) <= new  # only the new workers answer
             old = new
     assert load.failed == 0, load.errors
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_a_reload_that_cannot_start_keeps_the_old_workers(
@@ -313,7 +306,7 @@ def test_a_reload_that_cannot_start_keeps_the_old_workers(
     new = supervised.ready_pids(3)
     assert wait_for_exit(supervised.pids, TIMEOUT) == set()
     assert ask(supervised.address)[0] in new
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 # -- every kind of socket, TLS, socket activation ---------------------------------------
@@ -326,7 +319,7 @@ def test_datagrams_are_served_by_workers(supervise: Start) -> None:
         for i in range(4):
             client.sendto(b"datagram %d" % i, supervised.address)
             assert client.recv(100) == b"datagram %d" % i
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_a_unix_socket_is_served_by_workers_and_removed_by_the_supervisor(
@@ -340,7 +333,7 @@ def test_a_unix_socket_is_served_by_workers_and_removed_by_the_supervisor(
         client.sendall(b"unix\n")
         pid, _, echo = read_until(client, b"\n").partition(b" ")
     assert (int(pid) in supervised.pids, echo) == (True, b"unix\n")
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
     assert not os.path.exists(path)
 
 
@@ -357,7 +350,7 @@ def test_tls_is_served_by_workers(supervise: Start, tmp_path: Path) -> None:
     ):
         client.sendall(b"secret\n")
         assert read_until(client, b"\n") == b"secret\n"
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_the_supervisor_takes_sockets_from_its_service_manager(handler_dir: Path) -> None:
@@ -374,8 +367,7 @@ def test_the_supervisor_takes_sockets_from_its_service_manager(handler_dir: Path
                 pid_one = int(read_until(first, b"\n").split()[0])
                 pid_two = ask(sock.getsockname())[0]
             assert {pid_one, pid_two} == pids
-            process.send_signal(signal.SIGTERM)
-            assert process.wait() == 0
+            assert process.stop(signal.SIGTERM) == 0
     # Each worker was given the socket under the service manager's name.
     assert process.stderr.count("socket 'web' from the service manager: tcp ") == 2
 
@@ -392,7 +384,7 @@ def test_the_proxy_protocol_reaches_every_worker(supervise: Start, handler_dir: 
         with socket.create_connection(supervised.address, timeout=TIMEOUT) as client:
             client.sendall(b"PROXY TCP4 203.0.113.%d 127.0.0.1 5555 80\r\n" % i)
             assert read_until(client, b"\n") == b"203.0.113.%d\n" % i
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 def test_a_stop_drains_the_workers_as_one_server_drains(supervise: Start) -> None:
@@ -401,17 +393,15 @@ def test_a_stop_drains_the_workers_as_one_server_drains(supervise: Start) -> Non
     supervised = supervise(
         "--handler", "pid_handler:Pid", "--drain-delay", "30", "--health-bind", "127.0.0.1:0"
     )
-    health = ip_address(
-        supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
-    )
+    health = supervised.process.health_address()
     supervised.process.send_signal(signal.SIGTERM)
     supervised.process.wait_for_line(r"SIGTERM: stopping; every worker drains", stream="stderr")
-    status, body = get(health, "/ready")
+    status, body = http_get(health, "/ready")
     assert (status, body) == (503, "not ready: the supervisor is stopping\n")
     for _ in range(4):
         assert ask(supervised.address)[0] in supervised.pids
     # A second signal ends the delay: the workers stop at once.
-    assert stop(supervised) == 128 + signal.SIGTERM
+    assert supervised.process.stop(signal.SIGTERM) == 128 + signal.SIGTERM
     assert wait_for_exit(supervised.pids, GONE_WITHIN) == set()
 
 
@@ -432,7 +422,7 @@ def test_with_reuse_port_each_worker_binds_its_own_socket(supervise: Start) -> N
     new = supervised.ready_pids(2)
     assert wait_for_exit(supervised.pids, TIMEOUT) == set()
     assert {ask(supervised.address)[0] for _ in range(20)} == new
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 # -- what the supervisor tells -------------------------------------------------------------
@@ -494,11 +484,9 @@ def gate(handler_dir: Path) -> Iterator[Gate]:
 
 def test_the_health_endpoint_answers_for_all_the_workers(supervise: Start, gate: Gate) -> None:
     supervised = supervise("--handler", "gated:Pid", "--health-bind", "127.0.0.1:0")
-    health = ip_address(
-        supervised.process.wait_for_line(r"health endpoint on tcp (\S+): GET", stream="stderr")[1]
-    )
-    assert get(health, "/ready") == (200, "ready\n")
-    status, metrics = get(health, "/metrics")
+    health = supervised.process.health_address()
+    assert http_get(health, "/ready") == (200, "ready\n")
+    status, metrics = http_get(health, "/metrics")
     assert status == 200
     for pid in supervised.pids:
         assert re.search(
@@ -520,46 +508,45 @@ def test_the_health_endpoint_answers_for_all_the_workers(supervise: Start, gate:
     replacement = supervised.process.wait_for_line(
         rf"worker (\d+) started in place of {victim}", stream="stderr"
     )[1]
-    assert get(health, "/ready") == (503, f"not ready: worker {replacement} is starting\n")
+    assert http_get(health, "/ready") == (503, f"not ready: worker {replacement} is starting\n")
     gate.release()
     supervised.process.wait_for_line(r"is ready \(it replaces one that died\)", stream="stderr")
-    assert get(health, "/ready") == (200, "ready\n")
-    assert "trio_socketserver_worker_crashes_total 1" in get(health, "/metrics")[1]
+    assert http_get(health, "/ready") == (200, "ready\n")
+    assert "trio_socketserver_worker_crashes_total 1" in http_get(health, "/metrics")[1]
 
     # A reload: ready all along, the old generation serving until the new one is.
     gate.hold()
     supervised.process.send_signal(signal.SIGHUP)
     gate.wait_for(2)
-    assert get(health, "/ready") == (200, "ready\n")
-    assert 'trio_socketserver_workers{state="starting"} 2' in get(health, "/metrics")[1]
+    assert http_get(health, "/ready") == (200, "ready\n")
+    assert 'trio_socketserver_workers{state="starting"} 2' in http_get(health, "/metrics")[1]
     gate.release()
     supervised.ready_pids(2)
-    assert get(health, "/ready") == (200, "ready\n")
-    assert stop(supervised) == 0
+    assert http_get(health, "/ready") == (200, "ready\n")
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
-def test_the_supervisor_tells_its_service_manager(handler_dir: Path, unix_dir: Path) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
-        manager.bind(str(unix_dir / "notify"))
-        manager.settimeout(TIMEOUT)
-        env = {"NOTIFY_SOCKET": str(unix_dir / "notify")}
-        args = (*CLI, "--workers", "2", "--bind", "127.0.0.1:0")
-        with ServerProcess(*args, cwd=handler_dir, env=env) as process:
-            ready = parse_notify(manager.recv(4096))
-            # Only once every worker is ready, and only the supervisor's word: the
-            # workers tell the supervisor, not the service manager.
-            assert ready["READY"] == "1"
-            assert process.wait_for_line(READY.format(1), stream="stderr")
-            assert ready["STATUS"].startswith("2 workers serving (generation 1): ")
-            process.send_signal(signal.SIGHUP)
-            reloading = parse_notify(manager.recv(4096))
-            assert reloading["RELOADING"] == "1"
-            assert int(reloading["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
-            assert parse_notify(manager.recv(4096))["READY"] == "1"
-            assert process.wait_for_line(READY.format(2), stream="stderr")
-            process.send_signal(signal.SIGTERM)
-            assert parse_notify(manager.recv(4096))["STOPPING"] == "1"
-            assert process.wait() == 0
+def test_the_supervisor_tells_its_service_manager(
+    handler_dir: Path, manager: socket.socket
+) -> None:
+    env = {"NOTIFY_SOCKET": manager.getsockname()}
+    args = ("--workers", "2", "--bind", "127.0.0.1:0")
+    with cli(*args, cwd=handler_dir, env=env) as process:
+        ready = parse_notify(manager.recv(4096))
+        # Only once every worker is ready, and only the supervisor's word: the
+        # workers tell the supervisor, not the service manager.
+        assert ready["READY"] == "1"
+        assert process.wait_for_line(READY.format(1), stream="stderr")
+        assert ready["STATUS"].startswith("2 workers serving (generation 1): ")
+        process.send_signal(signal.SIGHUP)
+        reloading = parse_notify(manager.recv(4096))
+        assert reloading["RELOADING"] == "1"
+        assert int(reloading["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
+        assert parse_notify(manager.recv(4096))["READY"] == "1"
+        assert process.wait_for_line(READY.format(2), stream="stderr")
+        process.send_signal(signal.SIGTERM)
+        assert parse_notify(manager.recv(4096))["STOPPING"] == "1"
+        assert process.wait() == 0
 
 
 # -- serve_workers(), for programs that build their servers in code ------------------------
@@ -594,19 +581,8 @@ def test_serve_workers_runs_a_program_s_own_factory(handler_dir: Path) -> None:
         address = ip_address(match["where"])
         pids = Supervised(process, address, set()).ready_pids(1)
         assert ask(address)[0] in pids
-        process.send_signal(signal.SIGTERM)
-        assert process.wait() == 0
+        assert process.stop(signal.SIGTERM) == 0
     assert wait_for_exit(pids, GONE_WITHIN) == set()
-
-
-def get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_a_sighup_during_a_reload_is_not_lost(supervise: Start, gate: Gate) -> None:
@@ -623,7 +599,7 @@ def test_a_sighup_during_a_reload_is_not_lost(supervise: Start, gate: Gate) -> N
     third = supervised.ready_pids(3)
     assert wait_for_exit(supervised.pids | second, TIMEOUT) == set()
     assert ask(supervised.address)[0] in third
-    assert stop(supervised) == 0
+    assert supervised.process.stop(signal.SIGTERM) == 0
 
 
 # -- the supervisor in this process: its timeouts ----------------------------------------

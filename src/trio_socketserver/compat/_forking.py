@@ -3,8 +3,6 @@
 # these names (compat.__getattr__), so threading servers never load the pool.
 from __future__ import annotations
 
-from typing import Any
-
 from .. import _forking
 from .._forking import ForkSafetyError as ForkSafetyError
 from .._forking import ForkSafetyWarning as ForkSafetyWarning
@@ -24,21 +22,14 @@ class ForkingMixIn(_forking.ForkingMixIn):
     what to do about busy threads: see ``docs/forking.md``.
     """
 
-    # The engine's, spelled out on the mixin because stdlib code calls them through it:
-    # ForkingMixIn.process_request(self, ...).
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the request to a worker process; returns at once."""
-        super().process_request(request, client_address)
+    # Stdlib code calls the stdlib mixin's methods through the mixin, as in
+    # ForkingMixIn.handle_timeout(self). The native mixin has the others (process_request,
+    # service_actions, collect_children, server_close); handle_timeout is the engine's, which
+    # the native mixin (based on object at run time) does not reach, so it is spelled out.
 
     def handle_timeout(self) -> None:
         """Called when :meth:`handle_request` saw no request within ``timeout``."""
         super().handle_timeout()
-
-    def service_actions(self) -> None:
-        """Called by :meth:`serve_forever` after each request and every poll interval;
-        forgets workers that exited (:meth:`collect_children`), as the stdlib's does."""
-        super().service_actions()
 
 
 class ForkingTCPServer(ForkingMixIn, TCPServer):
