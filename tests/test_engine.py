@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import socket
 import socketserver as stdlib_socketserver
@@ -21,6 +22,7 @@ import trio.testing
 import trio_socketserver as ts
 from conftest import AsyncEcho, SyncEcho, connect, receive_all, receive_line, serving
 from trio_socketserver import compat
+from trio_socketserver._engine import ACCEPT_BATCH
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 LOCALHOST = ("127.0.0.1", 0)
@@ -410,3 +412,25 @@ async def test_process_request_outside_the_serve_loop_is_a_clear_error() -> None
     assert [str(e) for e in errors] == [
         "process_request() starts a request only when the serve loop calls it"
     ]
+
+
+async def test_a_burst_of_clients_does_not_starve_other_tasks() -> None:
+    # Clients already queued in the backlog are accepted several at a time, without a trip
+    # through the scheduler each, but other tasks still run while the burst is taken.
+    burst = 3 * ACCEPT_BATCH
+    seen: list[int] = []
+    async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
+        server.shutdown_grace = 0
+        clients = [socket.create_connection(server.server_address) for _ in range(burst)]
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_forever)
+                while (accepted := server.statistics().accepted_requests) < burst:
+                    seen.append(accepted)
+                    await trio.lowlevel.checkpoint()
+                server.shutdown()
+        finally:
+            for client in clients:
+                client.close()
+    assert any(0 < accepted < burst for accepted in seen), seen
+    assert all(later - earlier <= ACCEPT_BATCH for earlier, later in itertools.pairwise(seen)), seen
