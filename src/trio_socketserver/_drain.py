@@ -189,18 +189,20 @@ class Exchange:
 
     def _count_from_here(self) -> None:
         """Learn what the kernel handed out before the file counted: with nothing of the
-        next message read yet, that is what it handed out in all, less what the file took."""
+        next message read yet, what arrived in all less what is queued and what the file
+        took. Two system calls, so the count is read on both sides of the queue's length:
+        if a byte arrived in between, this connection waits with a peek instead."""
         try:
+            arrived = self._bytes_arrived()
             queued = int.from_bytes(
                 fcntl.ioctl(self.socket, termios.FIONREAD, bytes(4)), sys.byteorder
             )
-            arrived = self._bytes_arrived()
+            if arrived is not None and self._bytes_arrived() == arrived:
+                self.kernel_offset = arrived - queued - self.taken
+                return
         except OSError:
-            arrived = None
-        if arrived is None:
-            self.countable = False
-        else:
-            self.kernel_offset = arrived - queued - self.taken
+            pass
+        self.countable = False
 
     def _read_took_some(self) -> bool:
         """With nothing queued: whether the thread's read has taken bytes its file has not
