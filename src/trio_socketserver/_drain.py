@@ -16,9 +16,10 @@
 # thread by shutdown(SHUT_RD), the only way to end a blocked recv() from another thread.
 #
 # A shutdown cannot be undone, so for a thread the drain decides under a lock, and a message is
-# either served whole or never seen by the handler: the thread takes the lock as its read
-# returns, and if the drain shut the socket meanwhile, whatever the read got is dropped and the
-# handler sees end-of-file (the peer sent it as the server gave up; it is never half served).
+# either served whole or never seen by the handler: as its read returns, the thread waits for
+# any decision under way about it, and if the drain shut the socket meanwhile, whatever the read
+# got is dropped and the handler sees end-of-file (the peer sent it as the server gave up; it
+# is never half served).
 # The drain shuts a thread's socket only when no byte of a next message has reached the kernel
 # since the thread began to wait: none is queued, and (plain TCP on Linux) the kernel's count of
 # bytes arrived is what the handler's file has counted, so a read that already took the first
@@ -26,7 +27,8 @@
 # took, and the thread waits with a peek (MSG_PEEK takes nothing) before it reads. A handler
 # that reads its socket around its rfile makes the counts disagree: its idle connection is then
 # not ended early, but cut when the grace runs out. The hot path pays no cancel scope, no extra
-# system call on plain TCP: a set insertion and a lock around a read that waits.
+# system call on plain TCP and no lock until the drain begins: a set insertion and removal
+# around a read that waits.
 from __future__ import annotations
 
 import fcntl
@@ -190,8 +192,8 @@ class Exchange:
     def _count_from_here(self) -> None:
         """Learn what the kernel handed out before the file counted: with nothing of the
         next message read yet, what arrived in all less what is queued and what the file
-        took. Two system calls, so the count is read on both sides of the queue's length:
-        if a byte arrived in between, this connection waits with a peek instead."""
+        took. Those are two system calls, so the count is read on both sides of the queue's
+        length: if a byte arrived in between, this connection waits with a peek instead."""
         try:
             arrived = self._bytes_arrived()
             queued = int.from_bytes(
