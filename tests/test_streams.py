@@ -333,16 +333,33 @@ READS: list[Callable[[StreamReader], Awaitable[bytes]]] = [
 ]
 
 
+async def assert_times_out(read: Awaitable[bytes], *, after: float, match: str) -> None:
+    """``read`` raises TimeoutError, its message matching ``match``, ``after`` seconds from now."""
+    start = trio.current_time()
+    with pytest.raises(TimeoutError, match=match):
+        await read
+    assert trio.current_time() - start == pytest.approx(after)
+
+
+# The per-wait timeout and the whole-read deadline (below) each end a wait on a silent peer.
+@pytest.mark.parametrize(
+    ("limit", "seconds", "match"),
+    [
+        ("timeout", 7.5, r"^no data from the peer for 7\.5 s$"),
+        ("deadline", 2.5, r"^read took longer than its deadline of 2\.5 s$"),
+    ],
+)
 @pytest.mark.parametrize("read", READS)
 async def test_silent_peer_times_out(
-    autojump_clock: trio.testing.MockClock, read: Callable[[StreamReader], Awaitable[bytes]]
+    autojump_clock: trio.testing.MockClock,
+    read: Callable[[StreamReader], Awaitable[bytes]],
+    limit: str,
+    seconds: float,
+    match: str,
 ) -> None:
     _, receive_stream = trio.testing.memory_stream_one_way_pair()
-    reader = StreamReader(receive_stream, timeout=7.5)
-    start = trio.current_time()
-    with pytest.raises(TimeoutError, match=r"^no data from the peer for 7\.5 s$"):
-        await read(reader)
-    assert trio.current_time() - start == pytest.approx(7.5)
+    reader = StreamReader(receive_stream, **{limit: seconds})
+    await assert_times_out(read(reader), after=seconds, match=match)
 
 
 async def test_timeout_bounds_each_wait_and_can_be_changed(
@@ -364,10 +381,7 @@ async def test_timeout_bounds_each_wait_and_can_be_changed(
     assert trio.current_time() - start == pytest.approx(4.5)
 
     reader.timeout = 2.5
-    start = trio.current_time()
-    with pytest.raises(TimeoutError, match=r"for 2\.5 s$"):
-        await reader.readline()
-    assert trio.current_time() - start == pytest.approx(2.5)
+    await assert_times_out(reader.readline(), after=2.5, match=r"for 2\.5 s$")
 
 
 async def test_no_data_is_lost_when_a_read_times_out(
@@ -431,26 +445,13 @@ async def test_deadline_bounds_a_whole_read_however_the_bytes_trickle(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle)
-        start = trio.current_time()
-        with pytest.raises(TimeoutError, match=r"^read took longer than its deadline of 3 s$"):
-            await read(reader)
-        assert trio.current_time() - start == pytest.approx(3)
+        await assert_times_out(
+            read(reader), after=3, match=r"^read took longer than its deadline of 3 s$"
+        )
         nursery.cancel_scope.cancel()
     # Nothing is lost: the bytes that came at 0.9, 1.8 and 2.7 s are still buffered.
     await send_stream.send_all(b"\n")
     assert await reader.readline() == b"aaa\n"
-
-
-@pytest.mark.parametrize("read", READS)
-async def test_deadline_bounds_a_silent_peer_too(
-    autojump_clock: trio.testing.MockClock, read: Callable[[StreamReader], Awaitable[bytes]]
-) -> None:
-    _, receive_stream = trio.testing.memory_stream_one_way_pair()
-    reader = StreamReader(receive_stream, deadline=2.5)
-    start = trio.current_time()
-    with pytest.raises(TimeoutError, match=r"deadline of 2\.5 s$"):
-        await read(reader)
-    assert trio.current_time() - start == pytest.approx(2.5)
 
 
 async def test_deadline_is_per_read_and_can_be_changed(
@@ -481,10 +482,8 @@ async def test_deadline_and_timeout_bound_a_read_together(
     send_stream, receive_stream = trio.testing.memory_stream_one_way_pair()
     reader = StreamReader(receive_stream, timeout=1, deadline=10)
     await send_stream.send_all(b"half a li")
-    start = trio.current_time()
-    with pytest.raises(TimeoutError, match=r"^no data from the peer for 1 s$"):
-        await reader.readline()  # the peer went silent: the per-wait timeout comes first
-    assert trio.current_time() - start == pytest.approx(1)
+    # The peer went silent: the per-wait timeout comes first.
+    await assert_times_out(reader.readline(), after=1, match=r"^no data from the peer for 1 s$")
     await send_stream.send_all(b"ne\n")
     assert await reader.readline() == b"half a line\n"
 
