@@ -18,6 +18,7 @@ import trio
 
 import trio_socketserver as ts
 from conftest import (
+    AsyncEcho,
     connect,
     have_ipv6_loopback,
     in_thread,
@@ -31,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 LOCALHOST = ("127.0.0.1", 0)
 
 
-class Echo(ts.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
 async def echo_once(stream: trio.abc.Stream, data: bytes = b"ping\n") -> bytes:
     async with stream:
         await stream.send_all(data)
@@ -48,7 +43,7 @@ async def echo_once(stream: trio.abc.Stream, data: bytes = b"ping\n") -> bytes:
 
 def test_constructor_binds_and_listens() -> None:
     with socket.socket() as client:
-        server = ts.TCPServer(LOCALHOST, Echo)
+        server = ts.TCPServer(LOCALHOST, AsyncEcho)
         try:
             host, port = server.server_address
             assert (host, port != 0) == ("127.0.0.1", True)
@@ -62,11 +57,11 @@ def test_constructor_binds_and_listens() -> None:
 
 
 def test_address_in_use_names_the_address_and_leaks_nothing() -> None:
-    first = ts.TCPServer(LOCALHOST, Echo)
+    first = ts.TCPServer(LOCALHOST, AsyncEcho)
     try:
         fds = len(os.listdir("/proc/self/fd"))
         with pytest.raises(OSError) as caught:
-            ts.TCPServer(first.server_address, Echo)
+            ts.TCPServer(first.server_address, AsyncEcho)
         assert caught.value.errno == errno.EADDRINUSE
         assert str(first.server_address[1]) in str(caught.value)
         assert len(os.listdir("/proc/self/fd")) == fds
@@ -75,7 +70,7 @@ def test_address_in_use_names_the_address_and_leaks_nothing() -> None:
 
 
 async def test_bind_and_activate_false_then_manual_bind_and_activate() -> None:
-    server = ts.TCPServer(LOCALHOST, Echo, bind_and_activate=False)
+    server = ts.TCPServer(LOCALHOST, AsyncEcho, bind_and_activate=False)
     # Nothing bound yet: the user can still set options on the socket.
     assert server.socket.getsockname() == ("0.0.0.0", 0)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -95,7 +90,7 @@ def test_allow_reuse_address_and_port(reuse: bool) -> None:
         allow_reuse_address = reuse
         allow_reuse_port = reuse
 
-    server = Server(LOCALHOST, Echo)
+    server = Server(LOCALHOST, AsyncEcho)
     try:
         sock = server.socket
         assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) is reuse
@@ -108,9 +103,9 @@ def test_allow_reuse_port_lets_two_servers_share_a_port() -> None:
     class Server(ts.TCPServer):
         allow_reuse_port = True
 
-    first = Server(LOCALHOST, Echo)
+    first = Server(LOCALHOST, AsyncEcho)
     try:
-        second = Server(first.server_address, Echo)
+        second = Server(first.server_address, AsyncEcho)
         second.server_close()
     finally:
         first.server_close()
@@ -122,7 +117,7 @@ async def test_ipv6_server() -> None:
         address_family = socket.AF_INET6
 
     with trio.fail_after(5):
-        async with serving(Server6(("::1", 0), Echo)) as server:
+        async with serving(Server6(("::1", 0), AsyncEcho)) as server:
             assert server.socket.family == socket.AF_INET6
             assert server.server_address[0] == "::1"
             assert await echo_once(await connect(server)) == b"ping\n"
@@ -133,7 +128,7 @@ def test_request_queue_size_is_the_listen_backlog() -> None:
     class Server(ts.TCPServer):
         request_queue_size = 7
 
-    server = Server(LOCALHOST, Echo)
+    server = Server(LOCALHOST, AsyncEcho)
     try:
         port = server.server_address[1]
         out = subprocess.run(
@@ -150,10 +145,10 @@ def test_allow_reuse_address_never_takes_a_port_someone_listens_on() -> None:
     class Restartable(ts.TCPServer):
         allow_reuse_address = True
 
-    first = Restartable(LOCALHOST, Echo)
+    first = Restartable(LOCALHOST, AsyncEcho)
     try:
         with pytest.raises(OSError) as caught:
-            Restartable(first.server_address, Echo)
+            Restartable(first.server_address, AsyncEcho)
         assert caught.value.errno == errno.EADDRINUSE
     finally:
         first.server_close()
@@ -163,7 +158,7 @@ def test_allow_reuse_address_never_takes_a_port_someone_listens_on() -> None:
 
 
 def test_server_close_is_idempotent_and_invalidates_fileno() -> None:
-    server = ts.TCPServer(LOCALHOST, Echo)
+    server = ts.TCPServer(LOCALHOST, AsyncEcho)
     server.server_close()
     assert server.socket.fileno() == -1
     server.server_close()
@@ -171,7 +166,7 @@ def test_server_close_is_idempotent_and_invalidates_fileno() -> None:
 
 
 async def test_async_with_closes_the_socket() -> None:
-    async with ts.TCPServer(LOCALHOST, Echo) as server:
+    async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
         assert server.socket.fileno() >= 0
     assert server.socket.fileno() == -1
 
@@ -186,7 +181,7 @@ async def unix_echo_once(path: str | bytes) -> bytes:
 async def test_unix_stream_server_serves_and_removes_its_socket_file(unix_dir: Path) -> None:
     path = str(unix_dir / "s.sock")
     with trio.fail_after(5):
-        async with serving(ts.UnixStreamServer(path, Echo)) as server:
+        async with serving(ts.UnixStreamServer(path, AsyncEcho)) as server:
             assert stat.S_ISSOCK(os.lstat(path).st_mode)
             assert server.server_address == path
             assert await unix_echo_once(path) == b"ping\n"
@@ -199,7 +194,7 @@ def test_unix_path_that_is_not_a_socket_is_refused(unix_dir: Path, family: Any) 
     path.write_text("precious")
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError, match="not a socket") as caught:
-        family(str(path), Echo)
+        family(str(path), AsyncEcho)
     assert str(path) in str(caught.value)
     assert path.read_text() == "precious"
     assert len(os.listdir("/proc/self/fd")) == fds
@@ -210,7 +205,7 @@ def test_unix_symlink_at_the_path_is_neither_followed_nor_replaced(unix_dir: Pat
     link = unix_dir / "link.sock"
     link.symlink_to(target)  # dangling: bind() would create the socket at `target`
     with pytest.raises(OSError, match="not a socket"):
-        ts.UnixStreamServer(str(link), Echo)
+        ts.UnixStreamServer(str(link), AsyncEcho)
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert not os.path.lexists(target)
 
@@ -231,7 +226,7 @@ def test_unix_stale_socket_file_is_refused_with_how_to_remove_it(
     path = str(unix_dir / "stale.sock")
     stale_socket_file(path, kind)
     with pytest.raises(OSError) as caught:
-        family(path, Echo)
+        family(path, AsyncEcho)
     assert caught.value.errno == errno.EADDRINUSE  # what the stdlib's bind() raises
     assert caught.value.strerror == (
         f"stale socket file: {path!r}; nobody listens on it (a server that crashed left it "
@@ -249,7 +244,7 @@ async def test_unix_stale_socket_file_is_replaced_when_asked(
     path = str(unix_dir / "stale.sock")
     stale_socket_file(path)
     with trio.fail_after(5):
-        async with serving(Replacing(path, Echo)):
+        async with serving(Replacing(path, AsyncEcho)):
             assert await unix_echo_once(path) == b"ping\n"  # a connect to the stale file fails
     assert f"removed the stale socket file {path}: nobody listened on it" in caplog.text
 
@@ -268,7 +263,7 @@ def test_unix_socket_someone_listens_on_is_never_removed(
         live.listen()
         inode = os.lstat(path).st_ino
         with pytest.raises(OSError) as caught:
-            Server(path, Echo)
+            Server(path, AsyncEcho)
         assert caught.value.errno == errno.EADDRINUSE
         assert caught.value.strerror == (
             f"address already in use: {path!r}; another server listens on this socket: "
@@ -301,7 +296,7 @@ def test_unix_socket_with_a_full_backlog_counts_as_listened_on(unix_dir: Path) -
                 except BlockingIOError:
                     break
             with pytest.raises(OSError, match="another server listens"):
-                Replacing(path, Echo)
+                Replacing(path, AsyncEcho)
             assert stat.S_ISSOCK(os.lstat(path).st_mode)
         finally:
             for client in waiting:
@@ -310,7 +305,7 @@ def test_unix_socket_with_a_full_backlog_counts_as_listened_on(unix_dir: Path) -
 
 def test_server_close_removes_only_the_file_it_created(unix_dir: Path) -> None:
     path = unix_dir / "s.sock"
-    server = ts.UnixStreamServer(str(path), Echo)
+    server = ts.UnixStreamServer(str(path), AsyncEcho)
     # Someone replaced the socket file meanwhile: it is theirs, not the server's.
     path.unlink()
     path.write_text("someone else's")
@@ -321,7 +316,7 @@ def test_server_close_removes_only_the_file_it_created(unix_dir: Path) -> None:
 async def test_unix_abstract_namespace(unix_dir: Path) -> None:
     name = f"\0trio-socketserver-test-{os.getpid()}-{unix_dir.name}"
     with trio.fail_after(5):
-        async with serving(ts.UnixStreamServer(name, Echo)) as server:
+        async with serving(ts.UnixStreamServer(name, AsyncEcho)) as server:
             assert await unix_echo_once(name) == b"ping\n"
     assert server.socket.fileno() == -1
     assert not os.listdir(unix_dir)
@@ -332,7 +327,7 @@ def test_unix_socket_mode(unix_dir: Path) -> None:
         socket_mode = 0o600
 
     path = str(unix_dir / "private.sock")
-    server = Private(path, Echo)
+    server = Private(path, AsyncEcho)
     try:
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
     finally:
@@ -460,7 +455,7 @@ def made_elsewhere(family: int, kind: int, address: Any) -> socket.socket:
 
 async def test_from_socket_serves_a_listening_socket_and_closes_it() -> None:
     sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
-    server = ts.TCPServer.from_socket(sock, Echo)
+    server = ts.TCPServer.from_socket(sock, AsyncEcho)
     assert server.socket is sock
     assert server.server_address == sock.getsockname()
     assert server.address_family == socket.AF_INET
@@ -476,7 +471,7 @@ async def test_from_socket_leaves_a_shared_socket_non_blocking() -> None:
     # accept() would block their event loops.
     sock = made_elsewhere(socket.AF_INET, socket.SOCK_STREAM, LOCALHOST)
     with sock.dup() as elsewhere:  # the same socket, as another process holds it
-        server = ts.TCPServer.from_socket(sock, Echo)
+        server = ts.TCPServer.from_socket(sock, AsyncEcho)
         with trio.fail_after(5):
             async with serving(server):
                 assert await echo_once(await connect(server)) == b"ping\n"
@@ -487,7 +482,7 @@ async def test_from_socket_leaves_a_shared_socket_non_blocking() -> None:
 async def test_from_socket_takes_the_family_from_the_socket() -> None:
     # TCPServer's class attribute says AF_INET; the socket is IPv6.
     sock = made_elsewhere(socket.AF_INET6, socket.SOCK_STREAM, ("::1", 0))
-    server = ts.ThreadingTCPServer.from_socket(sock, Echo)
+    server = ts.ThreadingTCPServer.from_socket(sock, AsyncEcho)
     assert server.address_family == socket.AF_INET6
     assert ts.ThreadingTCPServer.address_family == socket.AF_INET
     with trio.fail_after(5):
@@ -503,7 +498,7 @@ async def test_from_socket_leaves_a_unix_socket_file_to_whoever_made_it(unix_dir
     class Restrictive(ts.UnixStreamServer):
         socket_mode = 0o666  # applies to files the server binds, not to this one
 
-    server = Restrictive.from_socket(sock, Echo)
+    server = Restrictive.from_socket(sock, AsyncEcho)
     assert server.server_address == path
     with trio.fail_after(5):
         async with serving(server):
@@ -547,13 +542,13 @@ def test_from_socket_refuses_a_socket_it_cannot_serve_and_leaves_it_open(
         if listen:
             sock.listen()
         with pytest.raises(ValueError, match=message) as raised:
-            cls.from_socket(sock, Echo)
+            cls.from_socket(sock, AsyncEcho)
         assert str(raised.value).startswith(f"{cls.__name__}.from_socket(sock): sock ")
         assert sock.fileno() != -1
     closed = socket.socket()
     closed.close()
     with pytest.raises(ValueError, match="is closed"):
-        ts.TCPServer.from_socket(closed, Echo)
+        ts.TCPServer.from_socket(closed, AsyncEcho)
 
 
 def test_compat_from_socket_and_the_stdlib_pattern_serve_blocking(unix_dir: Path) -> None:

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import connect, receive_all, receive_line, serving
+from conftest import AsyncEcho, connect, receive_all, receive_line, serving
 from trio_socketserver.testing import open_handler
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -286,12 +286,8 @@ async def test_handler_timeout_bounds_a_stuck_client(
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_socketserver")
 
-    class Lines(ts.StreamRequestHandler):
+    class Lines(AsyncEcho):
         timeout = 2.0
-
-        async def handle(self) -> None:
-            async for line in self.rfile:
-                await self.wfile.write(line)
 
     with trio.fail_after(60):
         async with (
@@ -375,12 +371,8 @@ async def test_read_deadline_cuts_a_trickling_client_while_another_is_served(
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_socketserver")
 
-    class Echo(ts.StreamRequestHandler):
+    class Echo(AsyncEcho):
         read_deadline = 1.0
-
-        async def handle(self) -> None:
-            async for line in self.rfile:
-                await self.wfile.write(line)
 
     async def trickle(stream: trio.SocketStream, until: trio.Event) -> None:
         # A byte every 0.1 s and never a newline: each wait is short, the line endless.

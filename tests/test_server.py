@@ -20,6 +20,7 @@ import trio.testing
 
 import trio_socketserver as ts
 from conftest import (
+    AsyncEcho,
     assert_third_client_waits_in_backlog,
     connect,
     receive_all,
@@ -31,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 
 LOCALHOST = ("127.0.0.1", 0)
 LOGGER_NAME = "trio_socketserver"
-
-
-class Echo(ts.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
 
 
 async def echo_once(server: ts.TCPServer, data: bytes = b"ping\n") -> bytes:
@@ -78,7 +73,7 @@ def gated_handler(gate: Gate, reply: bytes = b"done\n") -> type[ts.StreamRequest
 
 async def test_serve_forever_reports_started_once_accepting() -> None:
     with trio.fail_after(5):
-        server = ts.TCPServer(LOCALHOST, Echo)
+        server = ts.TCPServer(LOCALHOST, AsyncEcho)
         assert not server.statistics().serving
         async with serving(server):
             assert server.statistics().serving
@@ -88,7 +83,7 @@ async def test_serve_forever_reports_started_once_accepting() -> None:
 
 async def test_serve_forever_twice_at_once_is_a_clear_error() -> None:
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, Echo)) as server:
+        async with serving(ts.TCPServer(LOCALHOST, AsyncEcho)) as server:
             with pytest.raises(RuntimeError, match=r"already running.*shutdown\(\)"):
                 await server.serve_forever()
             assert await echo_once(server) == b"ping\n"  # the first one is unharmed
@@ -96,13 +91,13 @@ async def test_serve_forever_twice_at_once_is_a_clear_error() -> None:
 
 async def test_handle_request_while_serving_is_an_error() -> None:
     with trio.fail_after(5):
-        async with serving(ts.TCPServer(LOCALHOST, Echo)) as server:
+        async with serving(ts.TCPServer(LOCALHOST, AsyncEcho)) as server:
             with pytest.raises(RuntimeError, match="already running"):
                 await server.handle_request()
 
 
 async def test_serve_forever_after_server_close_is_an_error() -> None:
-    server = ts.TCPServer(LOCALHOST, Echo)
+    server = ts.TCPServer(LOCALHOST, AsyncEcho)
     server.server_close()
     with pytest.raises(RuntimeError, match="closed"):
         await server.serve_forever()
@@ -112,7 +107,7 @@ async def test_serve_forever_after_server_close_is_an_error() -> None:
 
 async def test_shutdown_before_serve_forever_makes_it_return_at_once() -> None:
     with trio.fail_after(5):
-        async with ts.TCPServer(LOCALHOST, Echo) as server:
+        async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
             server.shutdown()
             await server.serve_forever()
             # The request was used up: the next serve_forever() serves normally.
@@ -124,7 +119,7 @@ async def test_shutdown_before_serve_forever_makes_it_return_at_once() -> None:
 
 async def test_serve_forever_can_run_again_after_shutdown() -> None:
     with trio.fail_after(5):
-        async with ts.TCPServer(LOCALHOST, Echo) as server:
+        async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
             for _ in range(2):
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve_forever)
@@ -134,7 +129,7 @@ async def test_serve_forever_can_run_again_after_shutdown() -> None:
 
 async def test_handle_request_serves_exactly_one_request() -> None:
     with trio.fail_after(5):
-        async with ts.TCPServer(LOCALHOST, Echo) as server:
+        async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
             first, second = await connect(server), await connect(server)
             async with first, second:
                 await first.send_all(b"one\n")
@@ -173,7 +168,7 @@ async def test_handle_request_timeout_calls_handle_timeout(
 
     Server.handle_timeout = handle_timeout  # type: ignore[method-assign]
     with trio.fail_after(60):
-        async with Server(LOCALHOST, Echo) as server:
+        async with Server(LOCALHOST, AsyncEcho) as server:
             start = trio.current_time()
             await server.handle_request()
             assert calls == [start + 3.0]
@@ -208,7 +203,7 @@ async def test_service_actions_runs_every_poll_interval_and_after_requests(
 
     Server.service_actions = service_actions  # type: ignore[method-assign]
     with trio.fail_after(60):
-        async with Server(LOCALHOST, Echo) as server, trio.open_nursery() as nursery:
+        async with Server(LOCALHOST, AsyncEcho) as server, trio.open_nursery() as nursery:
             start = trio.current_time()
             await nursery.start(server.serve_forever, 0.5)
             await trio.sleep(2.25)
@@ -225,7 +220,7 @@ async def test_shutdown_never_waits_for_the_poll_interval(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with trio.fail_after(60):
-        async with ts.TCPServer(LOCALHOST, Echo) as server, trio.open_nursery() as nursery:
+        async with ts.TCPServer(LOCALHOST, AsyncEcho) as server, trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever, 1000)
             start = trio.current_time()
             server.shutdown()
@@ -235,8 +230,8 @@ async def test_shutdown_never_waits_for_the_poll_interval(
 async def test_shutting_down_one_server_leaves_another_serving() -> None:
     with trio.fail_after(5):
         async with (
-            serving(ts.TCPServer(LOCALHOST, Echo)) as other,
-            ts.TCPServer(LOCALHOST, Echo) as server,
+            serving(ts.TCPServer(LOCALHOST, AsyncEcho)) as other,
+            ts.TCPServer(LOCALHOST, AsyncEcho) as server,
         ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
@@ -247,7 +242,7 @@ async def test_shutting_down_one_server_leaves_another_serving() -> None:
 
 async def test_server_close_while_serving_stops_it() -> None:
     with trio.fail_after(5):
-        server = ts.TCPServer(LOCALHOST, Echo)
+        server = ts.TCPServer(LOCALHOST, AsyncEcho)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
             assert await echo_once(server) == b"ping\n"
@@ -486,7 +481,7 @@ async def test_verify_request_raising_goes_to_handle_error(
             return True
 
     with trio.fail_after(5):
-        async with serving(Server(LOCALHOST, Echo)) as server:
+        async with serving(Server(LOCALHOST, AsyncEcho)) as server:
             async with await connect(server) as client:
                 assert await receive_all(client) == b""
             assert await echo_once(server) == b"ping\n"
@@ -759,7 +754,7 @@ async def test_async_verify_request_cut_by_shutdown_still_ends_the_request() -> 
             super().shutdown_request(request)
 
     with trio.fail_after(5):
-        async with Server(LOCALHOST, Echo) as server, trio.open_nursery() as nursery:
+        async with Server(LOCALHOST, AsyncEcho) as server, trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
             async with await connect(server) as client:
                 await verifying.wait()
@@ -777,7 +772,7 @@ async def test_request_deadline_cuts_a_connection_counts_and_logs_it(
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     caplog.set_level(logging.INFO, logger="trio_socketserver.access")
     with trio.fail_after(600):
-        server = ts.TCPServer(LOCALHOST, Echo)
+        server = ts.TCPServer(LOCALHOST, AsyncEcho)
         server.request_deadline = 30
         async with serving(server):
             start = trio.current_time()
@@ -829,7 +824,7 @@ async def test_request_deadline_cuts_a_datagram_request(
 
 @pytest.mark.parametrize("bad", [-1, math.nan])
 async def test_invalid_request_deadline_is_refused(bad: float) -> None:
-    async with ts.TCPServer(LOCALHOST, Echo) as server:
+    async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
         server.request_deadline = bad
         with pytest.raises(ValueError, match=r"request_deadline must be >= 0 seconds or None"):
             await server.serve_forever()
@@ -858,7 +853,7 @@ async def test_max_connections_leaves_extra_clients_in_the_backlog() -> None:
 
 async def test_max_connections_frees_a_slot_when_a_client_leaves() -> None:
     with trio.fail_after(5):
-        async with ts.TCPServer(LOCALHOST, Echo) as server:
+        async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
             server.max_connections = 1
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_forever)
@@ -877,7 +872,7 @@ async def test_max_connections_frees_a_slot_when_a_client_leaves() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
 async def test_invalid_max_connections_is_refused(bad: Any) -> None:
-    async with ts.TCPServer(LOCALHOST, Echo) as server:
+    async with ts.TCPServer(LOCALHOST, AsyncEcho) as server:
         server.max_connections = bad
         with pytest.raises(ValueError, match="positive int"):
             await server.serve_forever()
@@ -898,7 +893,7 @@ async def test_accept_out_of_fds_backs_off_logs_and_recovers(
             return super().get_request()
 
     with trio.fail_after(60):
-        async with Exhausted(LOCALHOST, Echo) as server:
+        async with Exhausted(LOCALHOST, AsyncEcho) as server:
             client = await connect(server)  # waits in the backlog meanwhile
             await client.send_all(b"ping\n")
             async with trio.open_nursery() as nursery:
@@ -930,7 +925,7 @@ async def test_accept_error_for_one_connection_is_skipped(
             return super().get_request()
 
     with trio.fail_after(60):
-        async with serving(Flaky(LOCALHOST, Echo)) as server:
+        async with serving(Flaky(LOCALHOST, AsyncEcho)) as server:
             assert await echo_once(server) == b"ping\n"
     assert attempts[1] == attempts[0]  # retried at once, no backoff
 

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import trio_socketserver as ts
+from conftest import AsyncEcho
 from trio_socketserver import compat
 from trio_socketserver.testing import (
     LeakError,
@@ -31,12 +32,6 @@ LOCALHOST = ("127.0.0.1", 0)
 CLIENT_TIMEOUT = 5.0
 
 
-class Echo(ts.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
 class SyncUpper(socketserver.StreamRequestHandler):
     """Written for the stdlib module: the stdlib's own handler class, blocking files."""
 
@@ -50,7 +45,7 @@ class SyncUpper(socketserver.StreamRequestHandler):
 
 async def test_serving_serves_then_stops_and_closes_the_server(unix_dir: Any) -> None:
     with trio.fail_after(5):
-        server = ts.UnixStreamServer(str(unix_dir / "s"), Echo)
+        server = ts.UnixStreamServer(str(unix_dir / "s"), AsyncEcho)
         async with serving(server), await open_client(server) as client:
             await client.send_all(b"hello\n")
             assert await client.receive_line() == b"hello\n"
@@ -177,7 +172,7 @@ class UnittestUser(unittest.TestCase):
 
 
 async def test_run_handler_feeds_bytes_to_an_async_handler() -> None:
-    run = await run_handler(Echo, b"one\ntwo\n")
+    run = await run_handler(AsyncEcho, b"one\ntwo\n")
     assert run.output == b"one\ntwo\n"
     assert run.error is None
 
@@ -222,7 +217,7 @@ async def test_open_handler_scripts_a_conversation() -> None:
 
 
 async def test_a_handler_timeout_takes_no_wall_time(autojump_clock: trio.abc.Clock) -> None:
-    class Patient(Echo):
+    class Patient(AsyncEcho):
         timeout = 600  # ten minutes of trio's clock
 
     wall, start = time.monotonic(), trio.current_time()

@@ -18,6 +18,7 @@ import trio.testing
 
 import trio_socketserver as ts
 from conftest import (
+    SyncEcho,
     ThreadSignal,
     assert_third_client_waits_in_backlog,
     connect,
@@ -37,12 +38,6 @@ THREAD_WAIT = 5.0
 # counts as hung: far above a thread's wake-up latency, far below the test's budget.
 HANG_THRESHOLD = 2.0
 HANDLER_THREAD_PREFIX = "trio_socketserver handler"
-
-
-class SyncEcho(ts.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line)
 
 
 @pytest.fixture
