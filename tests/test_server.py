@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import itertools
 import logging
 import math
@@ -12,6 +13,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -57,6 +59,20 @@ class Gate:
         while self.entered < n:
             self._entered_changed = trio.Event()
             await self._entered_changed.wait()
+
+
+def hook(body: Callable[..., Any], *, is_async: bool) -> Callable[..., Any]:
+    """``body`` as a server hook: itself, or an ``async def`` that checkpoints, then does what
+    ``body`` does, awaiting what it returns (as the engine awaits what a sync hook returns)."""
+    if not is_async:
+        return body
+
+    async def async_body(*args: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        result = body(*args)
+        return await result if inspect.isawaitable(result) else result
+
+    return async_body
 
 
 def gated_handler(gate: Gate, reply: bytes = b"done\n") -> type[ts.StreamRequestHandler]:
@@ -154,19 +170,8 @@ async def test_handle_request_timeout_calls_handle_timeout(
 
     class Server(ts.TCPServer):
         timeout = 3.0
+        handle_timeout = hook(lambda self: calls.append(trio.current_time()), is_async=is_async)
 
-    if is_async:
-
-        async def handle_timeout(self: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            calls.append(trio.current_time())
-
-    else:
-
-        def handle_timeout(self: Any) -> None:
-            calls.append(trio.current_time())
-
-    Server.handle_timeout = handle_timeout  # type: ignore[method-assign]
     with trio.fail_after(60):
         async with Server(LOCALHOST, AsyncEcho) as server:
             start = trio.current_time()
@@ -188,20 +193,8 @@ async def test_service_actions_runs_every_poll_interval_and_after_requests(
     calls: list[float] = []
 
     class Server(ts.TCPServer):
-        pass
+        service_actions = hook(lambda self: calls.append(trio.current_time()), is_async=is_async)
 
-    if is_async:
-
-        async def service_actions(self: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            calls.append(trio.current_time())
-
-    else:
-
-        def service_actions(self: Any) -> None:
-            calls.append(trio.current_time())
-
-    Server.service_actions = service_actions  # type: ignore[method-assign]
     with trio.fail_after(60):
         async with Server(LOCALHOST, AsyncEcho) as server, trio.open_nursery() as nursery:
             start = trio.current_time()
@@ -279,66 +272,43 @@ async def test_system_exit_in_a_handler_propagates(is_async: bool) -> None:
 def recording_server(log: list[str], *, is_async: bool) -> type[ts.TCPServer]:
     """A TCPServer whose every hook records its name, then does what the default does."""
 
-    class Sync(ts.TCPServer):
+    def recorded(body: Callable[..., Any]) -> Callable[..., Any]:
+        return hook(body, is_async=is_async)
+
+    class Recording(ts.TCPServer):
+        @recorded
         def get_request(self) -> Any:
             request = super().get_request()
             log.append("get_request")
             return request
 
+        @recorded
         def verify_request(self, request: Any, client_address: Any) -> bool:
             log.append("verify_request")
             return super().verify_request(request, client_address)
 
+        @recorded
         def process_request(self, request: Any, client_address: Any) -> None:
             log.append("process_request")
             super().process_request(request, client_address)
 
+        @recorded
         def finish_request(self, request: Any, client_address: Any) -> Any:
             log.append("finish_request")
             return super().finish_request(request, client_address)
 
-        def shutdown_request(self, request: Any) -> None:
+        @recorded
+        def shutdown_request(self, request: Any) -> Any:
             log.append("shutdown_request")
-            super().shutdown_request(request)
+            # The default returns what close_request() returns: the async one's coroutine.
+            return super().shutdown_request(request)
 
+        @recorded
         def close_request(self, request: Any) -> None:
             log.append("close_request")
             super().close_request(request)
 
-    class Async(ts.TCPServer):
-        async def get_request(self) -> Any:
-            await trio.lowlevel.checkpoint()
-            request = super().get_request()
-            log.append("get_request")
-            return request
-
-        async def verify_request(self, request: Any, client_address: Any) -> bool:
-            await trio.lowlevel.checkpoint()
-            log.append("verify_request")
-            return super().verify_request(request, client_address)
-
-        async def process_request(self, request: Any, client_address: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            log.append("process_request")
-            super().process_request(request, client_address)
-
-        async def finish_request(self, request: Any, client_address: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            log.append("finish_request")
-            await super().finish_request(request, client_address)
-
-        async def shutdown_request(self, request: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            log.append("shutdown_request")
-            # The default returns what close_request() returns: here, the async one's coroutine.
-            await super().shutdown_request(request)
-
-        async def close_request(self, request: Any) -> None:
-            await trio.lowlevel.checkpoint()
-            log.append("close_request")
-            super().close_request(request)
-
-    return Async if is_async else Sync
+    return Recording
 
 
 def recording_handler(log: list[str], *, fail: bool = False) -> type[ts.StreamRequestHandler]:
@@ -438,22 +408,11 @@ async def test_verify_request_false_closes_the_connection_unhandled(is_async: bo
     shut: list[Any] = []
 
     class Refusing(ts.TCPServer):
+        verify_request = hook(lambda self, request, client_address: False, is_async=is_async)
+
         def shutdown_request(self, request: Any) -> None:
             shut.append(request)
             super().shutdown_request(request)
-
-    if is_async:
-
-        async def verify_request(self: Any, request: Any, client_address: Any) -> bool:
-            await trio.lowlevel.checkpoint()
-            return False
-
-    else:
-
-        def verify_request(self: Any, request: Any, client_address: Any) -> bool:
-            return False
-
-    Refusing.verify_request = verify_request  # type: ignore[method-assign]
 
     class Handler(ts.StreamRequestHandler):
         async def handle(self) -> None:
