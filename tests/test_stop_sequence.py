@@ -4,13 +4,24 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
 import trio_socketserver as ts
-from conftest import AsyncEcho, SyncEcho, connect, in_thread, receive_all, receive_line, run_python
+from conftest import (
+    AsyncEcho,
+    SyncEcho,
+    connect,
+    in_thread,
+    receive_all,
+    receive_line,
+    run_python,
+    serving,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -22,6 +33,15 @@ LONG = 60.0
 async def exchange(stream: trio.SocketStream, line: bytes) -> bytes:
     await stream.send_all(line)
     return await receive_line(stream)
+
+
+@asynccontextmanager
+async def one_client(server: ts.TCPServer) -> AsyncIterator[trio.SocketStream]:
+    """Serve ``server`` with a grace no test waits out, and connect a client; the body calls
+    shutdown(). Exiting closes the client and waits for serve_forever() to return."""
+    server.shutdown_grace = LONG
+    async with serving(server), await connect(server) as client:
+        yield client
 
 
 async def test_draining_keeps_accepting_for_the_drain_delay() -> None:
@@ -103,39 +123,31 @@ async def test_connections_queued_in_the_backlog_are_served() -> None:
 async def test_a_persistent_connection_ends_between_two_messages(
     server_class: type[ts.TCPServer], handler: type[ts.StreamRequestHandler]
 ) -> None:
+    server = server_class(LOCALHOST, handler)
     with trio.fail_after(5):
-        async with server_class(LOCALHOST, handler) as server:
-            server.shutdown_grace = LONG
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                client = await connect(server)
-                assert await exchange(client, b"one\n") == b"one\n"
-                server.shutdown()
-                # The handler was waiting for the next line: it gets end-of-file and the
-                # connection closes with a FIN (a reset would be an error here).
-                assert await client.receive_some() == b""
-            stats = server.statistics()
-            assert (stats.finished_requests, stats.cancelled_requests) == (1, 0)
-            await client.aclose()
+        async with one_client(server) as client:
+            assert await exchange(client, b"one\n") == b"one\n"
+            server.shutdown()
+            # The handler was waiting for the next line: it gets end-of-file and the
+            # connection closes with a FIN (a reset would be an error here).
+            assert await client.receive_some() == b""
+    stats = server.statistics()
+    assert (stats.finished_requests, stats.cancelled_requests) == (1, 0)
 
 
 @pytest.mark.parametrize("handler", [AsyncEcho, SyncEcho], ids=["async", "sync"])
 async def test_a_connection_is_always_served_its_first_message(
     handler: type[ts.StreamRequestHandler],
 ) -> None:
+    server = ts.ThreadingTCPServer(LOCALHOST, handler)
     with trio.fail_after(5):
-        async with ts.ThreadingTCPServer(LOCALHOST, handler) as server:
-            server.shutdown_grace = LONG
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                client = await connect(server)
-                await trio.testing.wait_all_tasks_blocked()
-                server.shutdown()
-                await trio.testing.wait_all_tasks_blocked()
-                # Nothing had arrived when the drain began: its first message is served.
-                assert await exchange(client, b"first\n") == b"first\n"
-                assert await client.receive_some() == b""
-            await client.aclose()
+        async with one_client(server) as client:
+            await trio.testing.wait_all_tasks_blocked()
+            server.shutdown()
+            await trio.testing.wait_all_tasks_blocked()
+            # Nothing had arrived when the drain began: its first message is served.
+            assert await exchange(client, b"first\n") == b"first\n"
+            assert await client.receive_some() == b""
 
 
 @pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
@@ -154,20 +166,16 @@ async def test_a_message_in_progress_is_finished(is_async: bool) -> None:
                 body = self.rfile.read(int(size))
                 self.wfile.write(body[::-1] + b"\n")
 
+    server = ts.ThreadingTCPServer(LOCALHOST, AsyncBody if is_async else SyncBody)
     with trio.fail_after(5):
-        async with ts.ThreadingTCPServer(LOCALHOST, AsyncBody if is_async else SyncBody) as server:
-            server.shutdown_grace = LONG
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                client = await connect(server)
-                assert await exchange(client, b"3\nabc") == b"cba\n"
-                await client.send_all(b"5\n")
-                await trio.testing.wait_all_tasks_blocked()
-                server.shutdown()
-                await trio.testing.wait_all_tasks_blocked()
-                assert await exchange(client, b"hello") == b"olleh\n"
-                assert await client.receive_some() == b""
-            await client.aclose()
+        async with one_client(server) as client:
+            assert await exchange(client, b"3\nabc") == b"cba\n"
+            await client.send_all(b"5\n")
+            await trio.testing.wait_all_tasks_blocked()
+            server.shutdown()
+            await trio.testing.wait_all_tasks_blocked()
+            assert await exchange(client, b"hello") == b"olleh\n"
+            assert await client.receive_some() == b""
 
 
 async def test_handlers_can_await_the_drain_and_say_why_they_close() -> None:
@@ -177,16 +185,12 @@ async def test_handlers_can_await_the_drain_and_say_why_they_close() -> None:
             await self.server.wait_for_shutdown()
             await self.wfile.write(b"server going away\n")
 
+    server = ts.TCPServer(LOCALHOST, Notices)
     with trio.fail_after(5):
-        async with ts.TCPServer(LOCALHOST, Notices) as server:
-            server.shutdown_grace = LONG
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                client = await connect(server)
-                assert await receive_line(client) == b"welcome\n"
-                server.shutdown()
-                assert await receive_all(client) == b"server going away\n"
-            await client.aclose()
+        async with one_client(server) as client:
+            assert await receive_line(client) == b"welcome\n"
+            server.shutdown()
+            assert await receive_all(client) == b"server going away\n"
 
 
 async def test_wait_for_shutdown_outside_serving_is_a_clear_error() -> None:
