@@ -97,6 +97,20 @@ def held_handler(held: Held) -> type[ts.StreamRequestHandler]:
     return HeldHandler
 
 
+async def shut_down_with_a_request_held(
+    server: ts.TCPServer, held: Held, nursery: trio.Nursery
+) -> trio.SocketStream:
+    """Start ``server`` in ``nursery``, let ``held`` hold one client's request in handle(),
+    and shut down; returns the client once every task waits (the grace is running)."""
+    await nursery.start(server.serve_forever)
+    client = await connect(server)
+    await client.send_all(b"x\n")
+    await held.wait_entered(1)
+    server.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    return client
+
+
 # -- a sync handler on a plain server ---------------------------------------------------------
 
 
@@ -350,12 +364,7 @@ async def test_daemon_threads_are_not_waited_for(stepped_clock: trio.testing.Moc
     with trio.fail_after(60):  # virtual seconds
         async with Server(LOCALHOST, held_handler(held)) as server:
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                client = await connect(server)
-                await client.send_all(b"x\n")
-                await held.wait_entered(1)
-                server.shutdown()
-                await trio.testing.wait_all_tasks_blocked()
+                client = await shut_down_with_a_request_held(server, held, nursery)
                 stepped_clock.jump(1.0)  # the grace expires; nothing waits for the thread
             # serve_forever returned while the daemon thread is still in handle().
             [thread] = held.threads
@@ -389,12 +398,7 @@ async def test_block_on_close_joins_threads_a_shutdown_abandoned(
     with trio.fail_after(60):  # virtual seconds
         server = Server(LOCALHOST, held_handler(held))
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve_forever)
-            client = await connect(server)
-            await client.send_all(b"x\n")
-            await held.wait_entered(1)
-            server.shutdown()
-            await trio.testing.wait_all_tasks_blocked()
+            client = await shut_down_with_a_request_held(server, held, nursery)
             stepped_clock.jump(5.0)  # grace over: the connection is shut down, the thread
             await trio.testing.wait_all_tasks_blocked()  # ignores that (it is not in I/O)
             stepped_clock.jump(1.0)  # and after the release timeout it is abandoned
