@@ -124,6 +124,25 @@ def pid_of(answer: bytes) -> int:
     return int(answer.split()[0])
 
 
+async def stop_during_a_request(
+    server: ts.ForkingTCPServer, command: bytes, *, hard: bool = False
+) -> tuple[int, bytes]:
+    """Serve; once a worker has answered ``command`` on a new connection, stop: shutdown(),
+    or a hard stop (serve_forever() cancelled). Returns, after serve_forever() returned, the
+    worker's pid and what the client received after the answer, up to EOF."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        stream = await connect(server)
+        await stream.send_all(command)
+        worker = pid_of(await receive_line(stream))
+        if hard:
+            nursery.cancel_scope.cancel()
+        else:
+            server.shutdown()
+    async with stream:
+        return worker, await receive_all(stream)
+
+
 def children_of(pid: int) -> set[int]:
     found: set[int] = set()
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -683,18 +702,12 @@ async def test_grace_expiry_shuts_the_connection_and_keeps_the_worker() -> None:
         server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
         server.shutdown_grace = 0
         async with server:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                stream = await connect(server)
-                await stream.send_all(b"hold\n")
-                worker = pid_of(await receive_line(stream))
-                server.shutdown()
+            worker, rest = await stop_during_a_request(server, b"hold\n")
             # serve_forever has returned: the handler's readline() failed when the
             # connection was shut down, it returned, and the worker went back to the pool.
             assert server.statistics().cancelled_requests == 1
             assert server.active_children == {worker}
-            assert await receive_all(stream) == b""
-            await stream.aclose()
+            assert rest == b""
 
 
 async def test_request_deadline_shuts_the_connection_and_keeps_the_worker() -> None:
@@ -726,15 +739,9 @@ async def test_stuck_worker_is_terminated_after_the_release_timeout(
         server = ts.ForkingTCPServer(("127.0.0.1", 0), Commands)
         server.shutdown_grace = 0
         async with server:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                stream = await connect(server)
-                await stream.send_all(b"stuck\n")
-                worker = pid_of(await receive_line(stream))
-                server.shutdown()
+            worker, rest = await stop_during_a_request(server, b"stuck\n")
             assert worker not in server.active_children
-            assert await receive_all(stream) == b""
-            await stream.aclose()
+            assert rest == b""
     [record] = [r for r in caplog.records if "still handling" in r.message]
     assert f"worker process {worker}" in record.message
     assert "SIGTERM" in record.message
@@ -743,15 +750,9 @@ async def test_stuck_worker_is_terminated_after_the_release_timeout(
 async def test_hard_stop_cuts_in_flight_requests() -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with ts.ForkingTCPServer(("127.0.0.1", 0), Commands) as server:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve_forever)
-                stream = await connect(server)
-                await stream.send_all(b"hold\n")
-                await receive_line(stream)
-                nursery.cancel_scope.cancel()
+            _, rest = await stop_during_a_request(server, b"hold\n", hard=True)
             assert server.statistics().cancelled_requests == 1
-            assert await receive_all(stream) == b""
-            await stream.aclose()
+            assert rest == b""
 
 
 async def test_shutdown_from_a_handler_in_a_worker_stops_the_server() -> None:
