@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging.handlers
 import os
 import queue
@@ -19,6 +20,7 @@ import textwrap
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -208,22 +210,30 @@ def test_shutdown_requested_is_seen_by_handlers_during_the_drain(server_class: s
 # -- 2. workers keep nothing the program closes later ---------------------------------------
 
 
+@contextlib.contextmanager
+def after_one_request(socketserver: ModuleType) -> Iterator[Any]:
+    """A ForkingTCPServer serving on a thread, once one request was served and its process
+    let go of it (the stdlib's child exited; compat's worker stays, idle)."""
+    with socketserver.ForkingTCPServer(LOCALHOST, Reply) as server:
+        server.reply = "served"
+        with serving_on_thread(server):
+            pid, _ = ask(server)
+            request_ended(socketserver, pid)
+            yield server
+
+
 def test_a_connection_and_a_pipe_closed_later_show_their_end(socketserver: ModuleType) -> None:
     """Open when serving starts, closed by the program after a request: the peer sees EOF."""
     ours, peer = socket.socketpair()
     read_end, write_end = os.pipe()
     try:
-        with socketserver.ForkingTCPServer(LOCALHOST, Reply) as server:
-            server.reply = "served"
-            with serving_on_thread(server):
-                pid, _ = ask(server)
-                request_ended(socketserver, pid)
-                ours.close()
-                os.close(write_end)
-                peer.settimeout(WAIT)
-                assert peer.recv(1) == b""
-                os.set_blocking(read_end, False)
-                assert os.read(read_end, 1) == b""  # EOF, not "would block"
+        with after_one_request(socketserver):
+            ours.close()
+            os.close(write_end)
+            peer.settimeout(WAIT)
+            assert peer.recv(1) == b""
+            os.set_blocking(read_end, False)
+            assert os.read(read_end, 1) == b""  # EOF, not "would block"
     finally:
         ours.close()
         peer.close()
@@ -232,14 +242,10 @@ def test_a_connection_and_a_pipe_closed_later_show_their_end(socketserver: Modul
 
 def test_a_closed_servers_port_stops_accepting(socketserver: ModuleType) -> None:
     other = socketserver.TCPServer(LOCALHOST, Reply)  # another server of the program
-    with socketserver.ForkingTCPServer(LOCALHOST, Reply) as server:
-        server.reply = "served"
-        with serving_on_thread(server):
-            pid, _ = ask(server)
-            request_ended(socketserver, pid)
-            other.server_close()
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(other.server_address, timeout=WAIT).close()
+    with after_one_request(socketserver) as server:
+        other.server_close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(other.server_address, timeout=WAIT).close()
     with pytest.raises(ConnectionRefusedError):  # the forking server's own, closed now
         socket.create_connection(server.server_address, timeout=WAIT).close()
 
