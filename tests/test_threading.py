@@ -37,7 +37,6 @@ THREAD_WAIT = 5.0
 # Under a MockClock, how long (real seconds) every task may stay blocked before the test
 # counts as hung: far above a thread's wake-up latency, far below the test's budget.
 HANG_THRESHOLD = 2.0
-HANDLER_THREAD_PREFIX = "trio_socketserver handler"
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def handler_threads() -> list[threading.Thread]:
     back (trio renames a worker thread a moment after its job returns)."""
     deadline = time.monotonic() + THREAD_WAIT
     while True:
-        running = [t for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD_PREFIX)]
+        running = [t for t in threading.enumerate() if runs_handler_code(t)]
         if not running or time.monotonic() >= deadline:
             return running
         time.sleep(0.001)
