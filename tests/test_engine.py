@@ -433,4 +433,7 @@ async def test_a_burst_of_clients_does_not_starve_other_tasks() -> None:
             for client in clients:
                 client.close()
     assert any(0 < accepted < burst for accepted in seen), seen
-    assert all(later - earlier <= ACCEPT_BATCH for earlier, later in itertools.pairwise(seen)), seen
+    # Between two turns of this task, at most two of the loop's: trio runs the tasks that are
+    # ready together in either order.
+    most = 2 * ACCEPT_BATCH
+    assert all(later - earlier <= most for earlier, later in itertools.pairwise(seen)), seen
