@@ -211,6 +211,15 @@ def activated(
     return ServerProcess("-c", ACTIVATE, spec, names, whose_pid, *CLI, *args, pass_fds=fds, cwd=cwd)
 
 
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Receive from a blocking stdlib socket (with a timeout set) until the peer's FIN; a
+    reset raises, so a test that calls this also asserts a clean end of the session."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
 def read_until(sock: socket.socket, end: bytes) -> bytes:
     """Receive from a blocking stdlib socket (with a timeout set) until ``end`` arrives.
 

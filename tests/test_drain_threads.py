@@ -15,6 +15,7 @@ import trio
 
 import trio_socketserver as ts
 from conftest import SyncEcho, in_thread
+from serving_process import read_to_eof
 from trio_socketserver._drain import Drain, Exchange
 from trio_socketserver._handlers import _socket_file, _SocketWriter
 
@@ -69,13 +70,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def receive_until_eof(sock: socket.socket) -> bytes:
-    received = b""
-    while chunk := sock.recv(100):
-        received += chunk
-    return received
-
-
 @pytest.mark.parametrize("before", [b"", b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n"])
 def test_a_read_that_took_the_start_of_the_next_message_serves_it_whole(before: bytes) -> None:
     # The first bytes of the next message reached the thread before the drain decided; the
@@ -95,7 +89,7 @@ def test_a_read_that_took_the_start_of_the_next_message_serves_it_whole(before: 
         client.sendall(b"hel")
         assert race.drained.wait(TIMEOUT)
         client.sendall(b"lo\n")
-        assert receive_until_eof(client) == b"hello\n"
+        assert read_to_eof(client) == b"hello\n"
 
 
 async def test_a_threads_persistent_unix_connection_ends_between_two_messages(
@@ -115,7 +109,7 @@ async def test_a_threads_persistent_unix_connection_ends_between_two_messages(
                     await in_thread(client.sendall, b"one\n")
                     assert await in_thread(client.recv, 100) == b"one\n"
                     server.shutdown()
-                    assert await in_thread(receive_until_eof, client) == b""
+                    assert await in_thread(read_to_eof, client) == b""
             stats = server.statistics()
             assert (stats.finished_requests, stats.cancelled_requests) == (1, 0)
 
@@ -135,6 +129,6 @@ async def test_an_idle_connection_behind_a_proxy_header_ends_between_two_message
                     await in_thread(client.sendall, header + b"one\n")
                     assert await in_thread(client.recv, 100) == b"one\n"
                     server.shutdown()
-                    assert await in_thread(receive_until_eof, client) == b""
+                    assert await in_thread(read_to_eof, client) == b""
             stats = server.statistics()
             assert (stats.finished_requests, stats.cancelled_requests) == (1, 0)

@@ -15,6 +15,7 @@ import trustme
 from serving_process import (
     ROOT,
     ServerProcess,
+    read_to_eof,
     read_until,
 )
 
@@ -99,9 +100,7 @@ def test_chat_tells_its_clients_why_it_stops() -> None:
                 # A lurker and a talker alike: told why, then a clean end of the session
                 # (no reset), without waiting for the shutdown grace.
                 for client in (alice, bob):
-                    rest = b""
-                    while chunk := client.recv(4096):
-                        rest += chunk
+                    rest = read_to_eof(client)
                     assert rest.endswith(b"* the server is shutting down; please reconnect later\n")
                 assert server.wait() == 0
         assert "cut short: 0" in server.stderr

@@ -22,6 +22,7 @@ from conftest import (
     run_python,
     serving,
 )
+from serving_process import read_to_eof
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -259,8 +260,5 @@ async def test_a_request_already_sent_when_the_drain_begins_is_served() -> None:
                 assert await in_thread(sock.recv, 100) == b"one\n"
                 sock.sendall(b"two\n")
                 server.shutdown()
-                received = b""
-                while chunk := await in_thread(sock.recv, 100):
-                    received += chunk
-                assert received == b"two\n"
+                assert await in_thread(read_to_eof, sock) == b"two\n"
             sock.close()
